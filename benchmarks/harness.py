@@ -1,0 +1,563 @@
+"""The shared measuring tool of every script in `benchmarks/`.
+
+The development machine is shared and noisy (2 cores, ±10–20% drift), so a figure here is never an absolute
+time on its own: it is a ratio against a baseline measured in the same run. `Bench` runs its cases
+interleaved (A, B, C, A, B, C, ...) so that drift hits every case alike, times them with
+`time.perf_counter`, and reports median / min / max per case and the ratio of medians to the baseline.
+Memory has two helpers: `peak_live_memory` (live tensor bytes, via torch's `MemTracker`) and
+`peak_rss_growth` (process peak RSS, in a fresh subprocess). `record` appends one row to
+`docs/benchmarks.md`; `add_common_args` gives every script the same flags.
+
+A benchmark script (run from the repository root as `python -m benchmarks.<name>`):
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    args = apply_common_args(add_common_args(parser).parse_args())
+    x = torch.randn(64, 4096)
+    bench = Bench(repeats=args.repeats, warmup=args.warmup, title="gelu, 64x4096 fp32")
+    bench.add("exact", lambda: F.gelu(x), baseline=True, work=x.numel(), unit="elem")
+    bench.add("tanh", lambda: F.gelu(x, approximate="tanh"), work=x.numel(), unit="elem")
+    result = bench.run()
+    result.print()  # environment line + table
+    if args.record:
+        record("gelu tanh vs exact, 64x4096 fp32", result["tanh"].describe(), command_line())
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import importlib
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RECORD_PATH = REPO_ROOT / "docs" / "benchmarks.md"
+RECORD_COLUMNS = ("figure", "value", "command", "date", "machine", "versions")
+RECORD_HEADER = f"""# Benchmarks
+
+Figures measured by the scripts in `benchmarks/`. The development machine is shared and noisy, so every
+figure is a **ratio against a baseline measured in the same run**, cases interleaved (A, B, A, B, ...) so
+drift hits them alike; absolute times are given only for context. "time ratio" is median time ÷ baseline
+median time (< 1 is faster); "speed-up" is its inverse (> 1 is faster). Memory figures name their method:
+live tensor bytes (`MemTracker`) or peak RSS growth in a fresh subprocess.
+
+Rows are appended by `benchmarks.harness.record`, one per figure, when a script runs with `--record`
+(e.g. `python -m benchmarks.<name> --record`). Re-run the command in a row to check it; add a new row rather
+than editing an old one. Keep this table the last thing in the file.
+
+| {" | ".join(RECORD_COLUMNS)} |
+|{"|".join("---" for _ in RECORD_COLUMNS)}|
+"""
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Case:
+    """One named thing to time. `fn` does one repeat; `setup`, if given, runs before every repeat
+    (untimed) and its return value is passed to `fn`. `work` units per repeat give a throughput."""
+
+    name: str
+    fn: Callable[..., Any]
+    setup: Callable[[], Any] | None = None
+    work: float | None = None
+    unit: str | None = None
+
+
+@dataclass
+class CaseResult:
+    name: str
+    times: list[float]
+    baseline: str
+    ratio: float  # median time / baseline median time: < 1 is faster than the baseline
+    paired_ratio: float  # median over rounds of (this time / baseline time in the same round)
+    work: float | None = None
+    unit: str | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.times)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def min(self) -> float:
+        return min(self.times)
+
+    @property
+    def max(self) -> float:
+        return max(self.times)
+
+    @property
+    def speedup(self) -> float:
+        """Baseline median time / this median time: > 1 is faster than the baseline."""
+        return 1.0 / self.ratio if self.ratio else float("inf")
+
+    @property
+    def throughput(self) -> float | None:
+        """Work units per second at the median time (e.g. tokens/s), if the case declared `work`."""
+        return self.work / self.median if self.work is not None and self.median > 0 else None
+
+    def describe(self) -> str:
+        """One line fit for `record`: speed-up, time ratio, medians and repeat count."""
+        if self.name == self.baseline:
+            return f"baseline, median {fmt_seconds(self.median)} (n={self.n})"
+        return (
+            f"{self.speedup:.2f}× speed-up vs {self.baseline} (time ratio {self.ratio:.3f}; "
+            f"median {fmt_seconds(self.median)}, n={self.n})"
+        )
+
+
+@dataclass
+class BenchResult:
+    cases: list[CaseResult]
+    baseline: str
+    title: str | None = None
+    env: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> CaseResult:
+        for case in self.cases:
+            if case.name == name:
+                return case
+        raise KeyError(name)
+
+    def table(self) -> Table:
+        has_work = any(c.work is not None for c in self.cases)
+        columns = ["case", "n", "median", "min", "max", "time ratio", "speed-up"]
+        if has_work:
+            columns.append("throughput")
+        table = Table(columns, title=self.title)
+        for c in self.cases:
+            base = " (base)" if c.name == self.baseline else ""
+            row = [c.name + base, str(c.n), fmt_seconds(c.median), fmt_seconds(c.min), fmt_seconds(c.max)]
+            row += [f"{c.ratio:.3f}", f"{c.speedup:.2f}×"]
+            if has_work:
+                tp = c.throughput
+                row.append(f"{fmt_count(tp)} {c.unit or 'units'}/s" if tp is not None else "")
+            table.add(*row)
+        return table
+
+    def print(self) -> None:
+        if self.env:
+            print(format_environment(self.env))
+        self.table().print()
+        print("time ratio = median / baseline median (< 1 faster); speed-up = its inverse (> 1 faster)")
+
+
+def _auto_sync() -> None:
+    # GPU kernels run asynchronously: without a sync the clock would time only the launches.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+class Bench:
+    """Time named cases interleaved, round-robin: after `warmup` unrecorded rounds, `repeats` rounds of
+    A, B, C, A, B, C, ... so slow drift of a shared machine hits every case alike.
+
+    `clock` is injectable for tests; `sync` runs before each clock read (default: CUDA synchronize when
+    CUDA is in use, else nothing). The baseline is the case added with `baseline=True`, else the first.
+    """
+
+    def __init__(
+        self,
+        repeats: int = 20,
+        warmup: int = 3,
+        *,
+        title: str | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        sync: Callable[[], None] | None = _auto_sync,
+    ) -> None:
+        if repeats < 1 or warmup < 0:
+            raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats=} {warmup=}")
+        self.repeats, self.warmup, self.title = repeats, warmup, title
+        self.clock, self.sync = clock, sync or (lambda: None)
+        self.cases: list[Case] = []
+        self.baseline: str | None = None
+
+    def add(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        setup: Callable[[], Any] | None = None,
+        baseline: bool = False,
+        work: float | None = None,
+        unit: str | None = None,
+    ) -> Bench:
+        if any(c.name == name for c in self.cases):
+            raise ValueError(f"case {name!r} added twice")
+        if baseline and self.baseline is not None:
+            raise ValueError(f"two baselines: {self.baseline!r} and {name!r}")
+        self.cases.append(Case(name, fn, setup, work, unit))
+        if baseline:
+            self.baseline = name
+        return self
+
+    def _time_once(self, case: Case) -> float:
+        args = (case.setup(),) if case.setup is not None else ()
+        self.sync()
+        t0 = self.clock()
+        case.fn(*args)
+        self.sync()
+        return self.clock() - t0
+
+    def run(self, env: dict[str, Any] | None = None) -> BenchResult:
+        """Run all rounds; `env` (default: `environment()`) is kept in the result for printing."""
+        if not self.cases:
+            raise ValueError("no cases added")
+        times: dict[str, list[float]] = {c.name: [] for c in self.cases}
+        for round_ in range(self.warmup + self.repeats):
+            for case in self.cases:
+                elapsed = self._time_once(case)
+                if round_ >= self.warmup:
+                    times[case.name].append(elapsed)
+        base = self.baseline or self.cases[0].name
+        base_times = times[base]
+        base_median = statistics.median(base_times)
+        results = []
+        for c in self.cases:
+            t = times[c.name]
+            ratio = statistics.median(t) / base_median if base_median > 0 else float("inf")
+            paired = statistics.median(a / b if b > 0 else float("inf") for a, b in zip(t, base_times))
+            results.append(CaseResult(c.name, t, base, ratio, paired, c.work, c.unit))
+        return BenchResult(results, base, self.title, environment() if env is None else env)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+@dataclass(frozen=True)
+class MemoryResult:
+    """A memory figure in bytes, with the method that produced it and method-specific detail."""
+
+    bytes: int
+    method: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mib(self) -> float:
+        return self.bytes / 2**20
+
+    def __str__(self) -> str:
+        return f"{fmt_bytes(self.bytes)} ({self.method})"
+
+
+def peak_live_memory(
+    fn: Callable[..., Any],
+    args: Sequence[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    track: Iterable[Any] = (),
+) -> MemoryResult:
+    """Peak bytes of live tensor storage while `fn(*args, **kwargs)` runs, measured with
+    `torch.distributed._tools.mem_tracker.MemTracker` (a TorchDispatchMode: every op output's storage is
+    counted once, until a weakref finalizer sees it freed).
+
+    On CPU (torch 2.13) it sees plain tensors made inside `fn` with no module involved; such tensors fall in
+    its "Activation" category. Modules, optimizers and tensors made *before* the call are invisible unless
+    passed in `track` (they then count from the start: `detail["at_start"]`). It does not see allocator
+    caching, fragmentation or scratch buffers inside kernels — that is what RSS is for
+    (`peak_rss_growth`). `bytes` sums the per-device peaks; `detail` holds each device's breakdown at its
+    peak (Parameter, Gradient, Activation, Temp, Optstate, ...).
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    gc.collect()
+    mt = MemTracker()
+    track = list(track)
+    if track:
+        mt.track_external(*track)
+    at_start = sum(snap["Total"] for snap in mt.get_tracker_snapshot("current").values())
+    with mt:
+        fn(*args, **(kwargs or {}))
+    peak = mt.get_tracker_snapshot("peak")
+    detail: dict[str, Any] = {"at_start": at_start}
+    for device, snap in peak.items():
+        detail[str(device)] = {getattr(k, "value", k): v for k, v in snap.items()}
+    total = sum(snap["Total"] for snap in peak.values())
+    return MemoryResult(int(total), "live tensors (MemTracker)", detail)
+
+
+def _proc_status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _resolve(spec: str) -> Callable[..., Any]:
+    module, _, qualname = spec.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _rss_child(conn: Any, fn: Any, args: Sequence[Any], kwargs: dict[str, Any], preimport: Sequence[str]):
+    try:
+        for name in preimport:
+            importlib.import_module(name)
+        if isinstance(fn, str):
+            fn = _resolve(fn)
+        gc.collect()
+        detail: dict[str, Any] = {}
+        before_kib = _proc_status_kib("VmRSS")
+        if before_kib is not None:
+            # Linux >= 4.0: writing 5 resets the high-water mark to the current RSS, so imports and
+            # start-up that peaked earlier do not count (proc(5), /proc/pid/clear_refs).
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                method = "peak RSS growth, subprocess (VmHWM after, reset before, - VmRSS before)"
+            except OSError:
+                method = "peak RSS growth, subprocess (VmHWM after - VmRSS before; HWM not reset: may overcount)"
+            fn(*args, **kwargs)
+            peak_kib = _proc_status_kib("VmHWM") or 0
+            before, peak = before_kib * 1024, peak_kib * 1024
+        else:
+            # No /proc: ru_maxrss is KiB on Linux, bytes on macOS; a peak before the call may hide growth.
+            scale = 1 if sys.platform == "darwin" else 1024
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+            fn(*args, **kwargs)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+            method = "peak RSS growth, subprocess (ru_maxrss after - before: may undercount)"
+        detail.update(rss_before=before, rss_peak=peak)
+        conn.send(("ok", (peak - before, method, detail)))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def peak_rss_growth(
+    fn: Callable[..., Any] | str,
+    args: Sequence[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    preimport: Sequence[str] = ("torch",),
+    timeout: float = 600.0,
+) -> MemoryResult:
+    """Peak resident set size of a fresh process during `fn(*args, **kwargs)`, minus its RSS just before.
+
+    `fn` runs in a new `spawn`ed process, so it must be picklable: a top-level function, or a
+    `"package.module:function"` string. `preimport` modules are imported before the baseline is read
+    (torch alone is ~hundreds of MiB). RSS counts what the process really holds — allocator caches,
+    fragmentation, kernel scratch, Python objects — so it is coarser than `peak_live_memory`.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_rss_child, args=(child, fn, tuple(args), dict(kwargs or {}), tuple(preimport)))
+    proc.start()
+    child.close()
+    try:
+        if not parent.poll(timeout):
+            raise TimeoutError(f"peak_rss_growth: no answer from the child within {timeout} s")
+        status, payload = parent.recv()
+    except EOFError as e:
+        raise RuntimeError(f"peak_rss_growth: child died (exit code {proc.exitcode})") from e
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    if status != "ok":
+        raise RuntimeError(f"peak_rss_growth: the function raised in the child:\n{payload}")
+    growth, method, detail = payload
+    return MemoryResult(int(growth), method, detail)
+
+
+# ---------------------------------------------------------------------------------------------- environment
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def environment() -> dict[str, Any]:
+    """Where and with what a figure was measured: date, machine, versions, threads."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    env: dict[str, Any] = {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": _cpu_model(),
+        "cores": cores,
+    }
+    env["machine"] = f"{env['cpu']}, {cores} cores"
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["machine"] += f", {env['gpu']}"
+    env["python"] = platform.python_version()
+    env["torch"] = torch.__version__
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    env["threads"] = torch.get_num_threads()
+    return env
+
+
+def _versions(env: dict[str, Any]) -> str:
+    parts = [f"python {env['python']}", f"torch {env['torch']}"]
+    if "transformers" in env:
+        parts.append(f"transformers {env['transformers']}")
+    parts.append(f"threads {env['threads']}")
+    return ", ".join(parts)
+
+
+def format_environment(env: dict[str, Any]) -> str:
+    return f"{env['date']} | {env['machine']} | {_versions(env)}"
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def fmt_seconds(s: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if abs(s) >= scale:
+            return f"{s / scale:.3g} {unit}"
+    return f"{s / 1e-9:.3g} ns"
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_count(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+class Table:
+    """A fixed-width text table: first column left-aligned, the others right-aligned (or `align`, e.g.
+    "lrr")."""
+
+    def __init__(self, columns: Sequence[str], *, title: str | None = None, align: str | None = None):
+        self.columns = [str(c) for c in columns]
+        self.align = align or "l" + "r" * (len(self.columns) - 1)
+        if len(self.align) != len(self.columns):
+            raise ValueError("align needs one letter per column")
+        self.title = title
+        self.rows: list[list[str]] = []
+
+    def add(self, *cells: Any) -> Table:
+        if len(cells) != len(self.columns):
+            raise ValueError(f"row has {len(cells)} cells, table has {len(self.columns)} columns")
+        self.rows.append([str(c) for c in cells])
+        return self
+
+    def render(self) -> str:
+        widths = [max(len(r[i]) for r in [self.columns, *self.rows]) for i in range(len(self.columns))]
+
+        def line(cells: list[str]) -> str:
+            out = [c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(cells, widths, self.align)]
+            return "  ".join(out).rstrip()
+
+        lines = [self.title] if self.title else []
+        lines += [line(self.columns), "  ".join("-" * w for w in widths)]
+        lines += [line(r) for r in self.rows]
+        return "\n".join(lines)
+
+    def print(self) -> None:
+        print(self.render(), flush=True)
+
+
+def _md_cell(text: Any) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def record(
+    figure: str,
+    value: str,
+    command: str,
+    path: str | os.PathLike[str] = DEFAULT_RECORD_PATH,
+    *,
+    env: dict[str, Any] | None = None,
+) -> str:
+    """Append one row (figure | value | command | date | machine | versions) to the markdown table in
+    `path` (default: docs/benchmarks.md of this repository), creating the file with its header if missing.
+    The row goes in one `write` to a file opened for appending, so concurrent scripts do not interleave.
+    Returns the row."""
+    env = environment() if env is None else env
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(path, "x", encoding="utf-8") as f:
+            f.write(RECORD_HEADER)
+    except FileExistsError:
+        pass
+    cells = [figure, value, f"`{_md_cell(command)}`", env["date"][:10], env["machine"], _versions(env)]
+    row = "| " + " | ".join(_md_cell(c) for c in cells) + " |\n"
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size:
+            f.seek(size - 1)
+        ends_with_newline = size == 0 or f.read(1) == b"\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(row if ends_with_newline else "\n" + row)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def add_common_args(
+    parser: argparse.ArgumentParser, *, repeats: int = 20, warmup: int = 3
+) -> argparse.ArgumentParser:
+    """The flags every benchmark script takes. Call `apply_common_args` on the parsed namespace."""
+    g = parser.add_argument_group("measurement")
+    g.add_argument("--repeats", type=int, default=None, help=f"timed rounds (default {repeats}; 3 with --quick)")
+    g.add_argument("--warmup", type=int, default=None, help=f"unrecorded rounds first (default {warmup}; 1 with --quick)")
+    g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    g.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
+    g.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats: a smoke run")
+    parser.set_defaults(_default_repeats=repeats, _default_warmup=warmup)
+    return parser
+
+
+def apply_common_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in repeats/warmup (fewer with --quick unless given) and set torch's thread count."""
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else args._default_repeats
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else args._default_warmup
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def command_line(drop: Sequence[str] = ("--record",)) -> str:
+    """The command that ran this script, as one would retype it (`python -m benchmarks.x --quick`), without
+    `--record`."""
+    argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+    argv[0] = "python"
+    return " ".join(a for a in argv if a not in drop)

@@ -1,0 +1,378 @@
+"""YAML recipes -> typed config dataclasses: the one place where configs are loaded and checked.
+
+Every stage declares its settings as a (possibly nested) dataclass and loads it with `load_config`:
+
+    @dataclass
+    class PretrainConfig:
+        model: ModelConfig = field(default_factory=ModelConfig)
+        lr: float = 3e-4
+        norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+
+        def validate(self):            # optional; raise ValueError with a clear message
+            if self.lr <= 0:
+                raise ValueError(f"lr must be positive, got {self.lr}")
+
+    cfg = load_config(PretrainConfig, "configs/pretrain/tiny.yaml", ["model.n_layer=4", "lr=1e-3"])
+    save_config(cfg, "runs/tiny/config.yaml")     # load_config reads it back to an equal object
+
+Values are converted from the field annotations (int, float, bool, str, Path, `X | None`, `Literal[...]`,
+list[...], tuple[...], dict[...], nested dataclasses). Override values are parsed as YAML, so `true`,
+`null`, `1e-3` and `[1, 2]` mean what they look like. Every problem raises `ConfigError` with a one-line
+message naming the key and what to do about it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = ["ConfigError", "from_dict", "load_config", "save_config", "to_dict"]
+
+T = TypeVar("T")
+_NoneType = type(None)
+# PyYAML implements YAML 1.1, whose float pattern requires a dot: `1e-3` loads as the string "1e-3".
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+class ConfigError(ValueError):
+    """A config problem, explained in one line. `key` is the dotted key at fault, when there is one."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(" ".join(str(message).splitlines()))
+        self.key = key
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Read the YAML file at `path` (if any), apply `key=value` overrides, build and validate `cls`."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"load_config needs a dataclass, got {cls!r}")
+    data = _read_yaml(Path(path)) if path is not None else {}
+    if isinstance(overrides, str):  # a lone "a=1" would otherwise be iterated character by character
+        overrides = [overrides]
+    overridden: list[str] = []
+    for text in overrides:
+        overridden.append(_apply_override(data, cls, text))
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        # Blame the file unless the offending key came from the command line.
+        if path is None or _under_any(e.key, overridden):
+            raise
+        raise ConfigError(f"{path}: {e}", e.key) from None
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
+    """Build `cls` from plain data (as read from YAML or JSON), converting and validating every field."""
+    return _build(cls, data, "")
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """The dataclass `obj` as plain dicts, lists and scalars, ready for YAML or JSON."""
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        raise TypeError(f"to_dict needs a dataclass instance, got {obj!r}")
+    return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+
+
+def save_config(obj: Any, path: str | Path) -> Path:
+    """Write `obj` as YAML, atomically: a crash leaves either the old file or the new one, never half."""
+    # runs.py imports this module, so import its writer here rather than at the top.
+    from lmforge.runs import atomic_write_text
+
+    text = yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True)
+    return atomic_write_text(path, text)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys, which plain YAML silently resolves to the last one."""
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, typing.Hashable) and key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"config path is a folder, not a YAML file: {path}")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    if data is None:  # an empty file means "all defaults"
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of key: value, got {_show(data)}")
+    return data
+
+
+def _apply_override(data: dict[str, Any], cls: type, text: str) -> str:
+    """Set `a.b.c=value` inside `data` (creating sections as needed); return the dotted key."""
+    key, sep, raw = str(text).partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} must look like key=value (dotted for nested: model.n_layer=4)")
+    parts = key.split(".")
+    _check_key_path(cls, parts, text)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw  # not valid YAML (e.g. "a: b: c"): take the text as a string
+    node = data
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    return key
+
+
+def _check_key_path(cls: type, parts: list[str], text: str) -> None:
+    """Fail early on an override key that names no field, with the closest real key as a hint."""
+    tp: Any = cls
+    for i, part in enumerate(parts):
+        tp = _strip_optional(tp)
+        if tp is dict or get_origin(tp) is dict:
+            return  # free-form mapping: any key below it is fine
+        section = ".".join(parts[:i])
+        if not (dataclasses.is_dataclass(tp) and isinstance(tp, type)):
+            raise ConfigError(f"override {text!r}: '{section}' is {_describe(tp)}, not a section", section)
+        names = _field_names(tp)
+        if part not in names:
+            dotted = ".".join(parts[: i + 1])
+            prefix = f"{section}." if section else ""
+            hint = _hint(part, names, prefix)
+            raise ConfigError(f"unknown key '{dotted}' in override {text!r}{hint}", dotted)
+        tp = get_type_hints(tp)[part]
+
+
+def _under_any(key: str | None, prefixes: list[str]) -> bool:
+    return key is not None and any(key == p or key.startswith((p + ".", p + "[")) for p in prefixes)
+
+
+# --------------------------------------------------------------------------------------------- building
+
+
+def _build(cls: type[T], data: Any, prefix: str) -> T:
+    if data is None:  # `model:` with nothing under it means "all defaults"
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or cls.__name__}: expected {_describe(cls)}, got {_show(data)}", prefix)
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            dotted = _join(prefix, str(key))
+            raise ConfigError(f"unknown key '{dotted}'{_hint(str(key), list(fields), '')}", dotted)
+    kwargs = {}
+    for name, f in fields.items():
+        dotted = _join(prefix, name)
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], dotted)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key '{dotted}' ({_describe(hints[name])})", dotted)
+    try:
+        obj = cls(**kwargs)
+        validate = getattr(obj, "validate", None)
+        if callable(validate):
+            validate()
+    except ConfigError as e:
+        # A validate() that checks a sub-config raises an already-placed error: keep its key.
+        raise ConfigError(f"{prefix}: {e}" if prefix and e.key is None else str(e), e.key or None) from None
+    except ValueError as e:
+        raise ConfigError(f"{prefix}: {e}" if prefix else str(e)) from None
+    return obj
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """`value` as type `tp`, or a ConfigError that names `key`."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any or tp is object:
+        return value
+    if origin is Union or origin is types.UnionType:
+        if value is None and _NoneType in args:
+            return None
+        members = [a for a in args if a is not _NoneType]
+        for member in members:  # an exact type match wins, so `int | str` keeps "3" a string
+            if type(value) is member:
+                return value
+        for member in members:
+            try:
+                return _convert(value, member, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {_show(value)}", key)
+    if origin is Literal:
+        for allowed in args:
+            if value == allowed and type(value) is type(allowed):
+                return value
+        choices = ", ".join(repr(a) for a in args)
+        strs = [a for a in args if isinstance(a, str)]
+        hint = _hint(value, strs, "") if isinstance(value, str) else ""
+        raise ConfigError(f"{key}: {_show(value)} is not one of {choices}{hint}", key)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return _build(tp, value, key)
+    if value is None:
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got null", key)
+    if origin in (list, tuple, set, frozenset) or tp in (list, tuple, set, frozenset):
+        return _convert_sequence(value, origin or tp, args, key)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected {_describe(tp)}, got {_show(value)}", key)
+        if not args:
+            return dict(value)
+        return {
+            _convert(k, args[0], f"{key}.{k}"): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()
+        }
+    scalar = _SCALARS.get(tp)
+    if scalar is not None:
+        return scalar(value, key)
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: cannot read a config value of type {_describe(tp)}", key)
+
+
+def _convert_sequence(value: Any, kind: type, args: tuple, key: str) -> Any:
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{key}: expected a list, got {_show(value)}", key)
+    if kind is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} items, got {len(value)}", key)
+        return tuple(_convert(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
+    item = args[0] if args else Any
+    return kind(_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+
+
+def _to_int(value: Any, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    number = _to_float(value, key, "an int") if isinstance(value, float | str) else None
+    if number is not None and number.is_integer():  # 1e6 steps is a fine way to write 1000000
+        return int(number)
+    raise ConfigError(f"{key}: expected an int, got {_show(value)}", key)
+
+
+def _to_float(value: Any, key: str, expected: str = "a float") -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        return float(value)
+    raise ConfigError(f"{key}: expected {expected}, got {_show(value)}", key)
+
+
+def _to_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{key}: expected true or false, got {_show(value)}", key)
+
+
+def _to_str(value: Any, key: str) -> str:
+    # Ints are taken as text (a run named 2024); floats and bools are not, since YAML has already
+    # rewritten them (1.10 -> 1.1, yes -> true) and the original text is lost.
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{key}: expected a string, got {_show(value)} (quote it)", key)
+
+
+def _to_path(value: Any, key: str) -> Path:
+    if isinstance(value, str | Path):
+        return Path(value)
+    raise ConfigError(f"{key}: expected a path, got {_show(value)}", key)
+
+
+_SCALARS = {int: _to_int, float: _to_float, bool: _to_bool, str: _to_str, Path: _to_path}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_dict(value)
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _strip_optional(tp: Any) -> Any:
+    if get_origin(tp) in (Union, types.UnionType):
+        members = [a for a in get_args(tp) if a is not _NoneType]
+        if len(members) == 1:
+            return members[0]
+    return tp
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def _hint(word: str, choices: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    if len(choices) <= 12:
+        return " (valid keys: " + ", ".join(prefix + c for c in choices) + ")"
+    return ""
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _show(value: Any) -> str:
+    text = "null" if value is None else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe(tp: Any) -> str:
+    """A type as a reader of the config would say it: 'an int', 'a float or null', ..."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Union or origin is types.UnionType:
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} fields"
+    names = {
+        _NoneType: "null",
+        int: "an int",
+        float: "a float",
+        bool: "true or false",
+        str: "a string",
+        Path: "a path",
+        list: "a list",
+        tuple: "a list",
+        set: "a list",
+        frozenset: "a list",
+        dict: "a mapping",
+    }
+    return names.get(origin or tp, getattr(tp, "__name__", str(tp)))

@@ -1,0 +1,35 @@
+"""The cache protocol: what `Transformer.forward(..., cache=...)` asks of a KV cache.
+
+The model never decides how keys and values are stored: an object implementing `Cache` is passed in
+(`lmforge.infer` ships the implementations: contiguous, paged, int8, sliding). Per forward the model
+calls `begin` once with the new tokens' positions, then `update` once per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Cache(Protocol):
+    length: int  # tokens stored so far; new tokens default to positions length, length + 1, ...
+
+    def begin(self, positions: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record the new tokens' positions [B, T] (long) and validity [B, T] (bool, None = all real).
+
+        Returns positions and validity [B, Tk] of every key the new tokens may attend to (past and new,
+        in storage order; the model masks by position, so order only matters for `linear`)."""
+        ...
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this forward's keys and values [B, n_kv_head, T, head_dim] for `layer` and return all of
+        them, [B, n_kv_head, Tk, head_dim], aligned with what `begin` returned."""
+        ...
+
+    def get_state(self, layer: int) -> Any | None:
+        """Recurrent state of a `linear` attention layer (None before the first token)."""
+        ...
+
+    def set_state(self, layer: int, state: Any) -> None: ...

@@ -1,0 +1,138 @@
+"""The decoder-only Transformer. Every option is a field of ModelConfig; options pick small modules at
+construction time, so `forward` reads the same whatever the architecture.
+
+    model = Transformer(ModelConfig(vocab_size=256, n_layer=2, d_model=64, n_head=4))
+    logits = model(idx)                                        # [B, T, vocab]
+    logits = model(idx, positions=pos, attn_mask=valid)        # left-padded batch of unequal lengths
+    logits = model(idx[:, -1:], cache=cache)                   # decoding with a KV cache (lmforge.infer)
+    logits, hidden = model(idx, return_hidden=True)            # hidden states for value / reward heads
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import Attention, AttentionContext, attention_mask
+from .config import ModelConfig
+from .layers import make_ffn, make_norm
+from .positions import ALiBi, LearnedPositions, RelativeBias, RotaryEmbedding, SinusoidalPositions
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.norm1, self.attn = make_norm(cfg), Attention(cfg, layer)
+        self.norm2, self.ffn = make_norm(cfg), make_ffn(cfg)
+        self.checkpoint = cfg.activation_checkpointing  # a flag the block reads; trainers may flip it
+        self._forward = self._pre_norm if cfg.norm_position == "pre" else self._post_norm
+
+    def _pre_norm(self, x, ctx):  # GPT-2 onwards: x + f(norm(x)), a clean residual path
+        x = x + self.attn(self.norm1(x), ctx)
+        return x + self.ffn(self.norm2(x))
+
+    def _post_norm(self, x, ctx):  # the original Transformer (Vaswani et al. 2017): norm(x + f(x))
+        x = self.norm1(x + self.attn(x, ctx))
+        return self.norm2(x + self.ffn(x))
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        if self.checkpoint and self.training and torch.is_grad_enabled():
+            # Keep only the block's input; recompute its activations in backward.
+            return checkpoint(self._forward, x, ctx, use_reentrant=False)
+        return self._forward(x, ctx)
+
+
+ADDED_POSITIONS = {"sinusoidal": SinusoidalPositions, "learned": LearnedPositions}
+BIAS_POSITIONS = {"alibi": ALiBi, "relative": RelativeBias}
+# Kernels whose plain causal path needs no explicit mask (without a window or an attention bias).
+MASK_FREE = {"sdpa", "sliding_window", "block_sparse", "linear"}
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.add_positions = ADDED_POSITIONS[cfg.position](cfg) if cfg.position in ADDED_POSITIONS else None
+        self.rope = RotaryEmbedding(cfg) if cfg.position == "rope" else None
+        self.attn_bias = BIAS_POSITIONS[cfg.position](cfg) if cfg.position in BIAS_POSITIONS else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        # Post-norm blocks end in a norm already; pre-norm needs one before the head.
+        self.norm_f = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight  # Press & Wolf 2017
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, σ) for weights and embeddings (σ = init_std, 0.02), zero biases, unit norms,
+        and σ/√(2L) for the projections that write into the residual stream, so its variance does not
+        grow with depth (Radford et al. 2019, §2.3)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                residual = name.endswith(("attn.wo.weight", "ffn.down.weight"))
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer) if residual else std)
+            elif "norm" in name and name.endswith("weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.zeros_(p)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        cache=None,
+        attn_mask: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ):
+        """idx [B, T] token ids. positions [B, T]: each token's position (default: after what the cache holds,
+        else 0..T-1). attn_mask [B, T] bool: False marks padding. cache: a `lmforge.model.cache.Cache`.
+        Returns logits [B, T, vocab] (fp32-accumulated in the model's dtype), or (logits, hidden)."""
+        hidden = self.hidden_states(idx, positions=positions, cache=cache, attn_mask=attn_mask)
+        logits = self.lm_head(hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    def hidden_states(self, idx, *, positions=None, cache=None, attn_mask=None) -> torch.Tensor:
+        """The final normed hidden states [B, T, d]: what the LM head, a value head or a reward head reads."""
+        ctx = self._context(idx, positions, cache, attn_mask)
+        x = self.tok_emb(idx)
+        if self.add_positions is not None:
+            x = x + self.add_positions(ctx.q_pos).to(x.dtype)
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x, ctx)
+        return self.norm_f(x)
+
+    def _context(self, idx, positions, cache, attn_mask) -> AttentionContext:
+        cfg = self.cfg
+        B, T = idx.shape
+        plain = positions is None and cache is None and attn_mask is None
+        if positions is None:
+            start = cache_length(cache)
+            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        if cfg.position == "learned" and (plain and T > cfg.max_seq_len):
+            raise ValueError(
+                f"{T} tokens exceed max_seq_len={cfg.max_seq_len} of learned positions: shorten the input"
+            )
+        k_pos, k_valid = positions, attn_mask
+        if cache is not None:
+            k_pos, k_valid = cache.begin(positions, attn_mask)
+        ctx = AttentionContext(q_pos=positions, k_pos=k_pos, plain_causal=plain, k_valid=k_valid, cache=cache)
+        needs_mask = not plain or cfg.attention not in MASK_FREE or cfg.window or self.attn_bias is not None
+        if needs_mask and cfg.attention != "linear":
+            ctx.mask = attention_mask(cfg, positions, k_pos, k_valid)
+        if self.rope is not None:
+            ctx.rope = self.rope(positions)
+        if self.attn_bias is not None:
+            ctx.bias = self.attn_bias(positions[:1] if plain else positions, k_pos[:1] if plain else k_pos)
+        return ctx
+
+
+def cache_length(cache) -> int:
+    return 0 if cache is None else int(getattr(cache, "length", 0))
