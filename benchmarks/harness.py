@@ -10,6 +10,7 @@ Memory has two helpers: `peak_live_memory` (live tensor bytes, via torch's `MemT
 
 A benchmark script (run from the repository root as `python -m benchmarks.<name>`):
 
+    from benchmarks.harness import Bench, add_common_args, apply_common_args, command_line, record
     parser = argparse.ArgumentParser(description=__doc__)
     args = apply_common_args(add_common_args(parser).parse_args())
     x = torch.randn(64, 4096)
@@ -26,22 +27,39 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import gc
-import importlib
-import multiprocessing
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
-import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .formatting import fmt_bytes, fmt_count, fmt_seconds
+from .memory import MemoryResult, peak_live_memory, peak_rss_growth
+
+__all__ = [
+    "Bench",
+    "BenchResult",
+    "CaseResult",
+    "MemoryResult",
+    "Table",
+    "add_common_args",
+    "apply_common_args",
+    "command_line",
+    "environment",
+    "fmt_bytes",
+    "fmt_count",
+    "fmt_seconds",
+    "format_environment",
+    "peak_live_memory",
+    "peak_rss_growth",
+    "record",
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECORD_PATH = REPO_ROOT / "docs" / "benchmarks.md"
@@ -160,18 +178,13 @@ class BenchResult:
         print("time ratio = median / baseline median (< 1 faster); speed-up = its inverse (> 1 faster)")
 
 
-def _auto_sync() -> None:
-    # GPU kernels run asynchronously: without a sync the clock would time only the launches.
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 class Bench:
     """Time named cases interleaved, round-robin: after `warmup` unrecorded rounds, `repeats` rounds of
     A, B, C, A, B, C, ... so slow drift of a shared machine hits every case alike.
 
-    `clock` is injectable for tests; `sync` runs before each clock read (default: CUDA synchronize when
-    CUDA is in use, else nothing). The baseline is the case added with `baseline=True`, else the first.
+    `clock` is injectable for tests; `sync` runs before each clock read (default None: CUDA synchronize if
+    CUDA is in use when `run` starts, since GPU kernels are asynchronous; else nothing). The baseline is
+    the case added with `baseline=True`, else the first.
     """
 
     def __init__(
@@ -181,12 +194,12 @@ class Bench:
         *,
         title: str | None = None,
         clock: Callable[[], float] = time.perf_counter,
-        sync: Callable[[], None] | None = _auto_sync,
+        sync: Callable[[], None] | None = None,
     ) -> None:
         if repeats < 1 or warmup < 0:
             raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats=} {warmup=}")
         self.repeats, self.warmup, self.title = repeats, warmup, title
-        self.clock, self.sync = clock, sync or (lambda: None)
+        self.clock, self.sync = clock, sync
         self.cases: list[Case] = []
         self.baseline: str | None = None
 
@@ -209,22 +222,26 @@ class Bench:
             self.baseline = name
         return self
 
-    def _time_once(self, case: Case) -> float:
+    def _time_once(self, case: Case, sync: Callable[[], None]) -> float:
         args = (case.setup(),) if case.setup is not None else ()
-        self.sync()
+        sync()
         t0 = self.clock()
         case.fn(*args)
-        self.sync()
+        sync()
         return self.clock() - t0
 
     def run(self, env: dict[str, Any] | None = None) -> BenchResult:
         """Run all rounds; `env` (default: `environment()`) is kept in the result for printing."""
         if not self.cases:
             raise ValueError("no cases added")
+        sync = self.sync
+        if sync is None:
+            cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+            sync = torch.cuda.synchronize if cuda else lambda: None
         times: dict[str, list[float]] = {c.name: [] for c in self.cases}
         for round_ in range(self.warmup + self.repeats):
             for case in self.cases:
-                elapsed = self._time_once(case)
+                elapsed = self._time_once(case, sync)
                 if round_ >= self.warmup:
                     times[case.name].append(elapsed)
         base = self.baseline or self.cases[0].name
@@ -237,153 +254,6 @@ class Bench:
             paired = statistics.median(a / b if b > 0 else float("inf") for a, b in zip(t, base_times))
             results.append(CaseResult(c.name, t, base, ratio, paired, c.work, c.unit))
         return BenchResult(results, base, self.title, environment() if env is None else env)
-
-
-# ---------------------------------------------------------------------------------------------- memory
-
-
-@dataclass(frozen=True)
-class MemoryResult:
-    """A memory figure in bytes, with the method that produced it and method-specific detail."""
-
-    bytes: int
-    method: str
-    detail: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def mib(self) -> float:
-        return self.bytes / 2**20
-
-    def __str__(self) -> str:
-        return f"{fmt_bytes(self.bytes)} ({self.method})"
-
-
-def peak_live_memory(
-    fn: Callable[..., Any],
-    args: Sequence[Any] = (),
-    kwargs: dict[str, Any] | None = None,
-    *,
-    track: Iterable[Any] = (),
-) -> MemoryResult:
-    """Peak bytes of live tensor storage while `fn(*args, **kwargs)` runs, measured with
-    `torch.distributed._tools.mem_tracker.MemTracker` (a TorchDispatchMode: every op output's storage is
-    counted once, until a weakref finalizer sees it freed).
-
-    On CPU (torch 2.13) it sees plain tensors made inside `fn` with no module involved; such tensors fall in
-    its "Activation" category. Modules, optimizers and tensors made *before* the call are invisible unless
-    passed in `track` (they then count from the start: `detail["at_start"]`). It does not see allocator
-    caching, fragmentation or scratch buffers inside kernels — that is what RSS is for
-    (`peak_rss_growth`). `bytes` sums the per-device peaks; `detail` holds each device's breakdown at its
-    peak (Parameter, Gradient, Activation, Temp, Optstate, ...).
-    """
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    gc.collect()
-    mt = MemTracker()
-    track = list(track)
-    if track:
-        mt.track_external(*track)
-    at_start = sum(snap["Total"] for snap in mt.get_tracker_snapshot("current").values())
-    with mt:
-        fn(*args, **(kwargs or {}))
-    peak = mt.get_tracker_snapshot("peak")
-    detail: dict[str, Any] = {"at_start": at_start}
-    for device, snap in peak.items():
-        detail[str(device)] = {getattr(k, "value", k): v for k, v in snap.items()}
-    total = sum(snap["Total"] for snap in peak.values())
-    return MemoryResult(int(total), "live tensors (MemTracker)", detail)
-
-
-def _proc_status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _resolve(spec: str) -> Callable[..., Any]:
-    module, _, qualname = spec.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _rss_child(conn: Any, fn: Any, args: Sequence[Any], kwargs: dict[str, Any], preimport: Sequence[str]):
-    try:
-        for name in preimport:
-            importlib.import_module(name)
-        if isinstance(fn, str):
-            fn = _resolve(fn)
-        gc.collect()
-        detail: dict[str, Any] = {}
-        before_kib = _proc_status_kib("VmRSS")
-        if before_kib is not None:
-            # Linux >= 4.0: writing 5 resets the high-water mark to the current RSS, so imports and
-            # start-up that peaked earlier do not count (proc(5), /proc/pid/clear_refs).
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                method = "peak RSS growth, subprocess (VmHWM after, reset before, - VmRSS before)"
-            except OSError:
-                method = "peak RSS growth, subprocess (VmHWM after - VmRSS before; HWM not reset: may overcount)"
-            fn(*args, **kwargs)
-            peak_kib = _proc_status_kib("VmHWM") or 0
-            before, peak = before_kib * 1024, peak_kib * 1024
-        else:
-            # No /proc: ru_maxrss is KiB on Linux, bytes on macOS; a peak before the call may hide growth.
-            scale = 1 if sys.platform == "darwin" else 1024
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-            fn(*args, **kwargs)
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-            method = "peak RSS growth, subprocess (ru_maxrss after - before: may undercount)"
-        detail.update(rss_before=before, rss_peak=peak)
-        conn.send(("ok", (peak - before, method, detail)))
-    except BaseException:
-        conn.send(("error", traceback.format_exc()))
-    finally:
-        conn.close()
-
-
-def peak_rss_growth(
-    fn: Callable[..., Any] | str,
-    args: Sequence[Any] = (),
-    kwargs: dict[str, Any] | None = None,
-    *,
-    preimport: Sequence[str] = ("torch",),
-    timeout: float = 600.0,
-) -> MemoryResult:
-    """Peak resident set size of a fresh process during `fn(*args, **kwargs)`, minus its RSS just before.
-
-    `fn` runs in a new `spawn`ed process, so it must be picklable: a top-level function, or a
-    `"package.module:function"` string. `preimport` modules are imported before the baseline is read
-    (torch alone is ~hundreds of MiB). RSS counts what the process really holds — allocator caches,
-    fragmentation, kernel scratch, Python objects — so it is coarser than `peak_live_memory`.
-    """
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_rss_child, args=(child, fn, tuple(args), dict(kwargs or {}), tuple(preimport)))
-    proc.start()
-    child.close()
-    try:
-        if not parent.poll(timeout):
-            raise TimeoutError(f"peak_rss_growth: no answer from the child within {timeout} s")
-        status, payload = parent.recv()
-    except EOFError as e:
-        raise RuntimeError(f"peak_rss_growth: child died (exit code {proc.exitcode})") from e
-    finally:
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    if status != "ok":
-        raise RuntimeError(f"peak_rss_growth: the function raised in the child:\n{payload}")
-    growth, method, detail = payload
-    return MemoryResult(int(growth), method, detail)
 
 
 # ---------------------------------------------------------------------------------------------- environment
@@ -437,24 +307,6 @@ def format_environment(env: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- output
-
-
-def fmt_seconds(s: float) -> str:
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
-        if abs(s) >= scale:
-            return f"{s / scale:.3g} {unit}"
-    return f"{s / 1e-9:.3g} ns"
-
-
-def fmt_bytes(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
-def fmt_count(x: float) -> str:
-    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
 class Table:
@@ -535,9 +387,15 @@ def add_common_args(
 ) -> argparse.ArgumentParser:
     """The flags every benchmark script takes. Call `apply_common_args` on the parsed namespace."""
     g = parser.add_argument_group("measurement")
-    g.add_argument("--repeats", type=int, default=None, help=f"timed rounds (default {repeats}; 3 with --quick)")
-    g.add_argument("--warmup", type=int, default=None, help=f"unrecorded rounds first (default {warmup}; 1 with --quick)")
-    g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    g.add_argument(
+        "--repeats", type=int, default=None, help=f"timed rounds (default {repeats}; 3 with --quick)"
+    )
+    g.add_argument(
+        "--warmup", type=int, default=None, help=f"unrecorded rounds first (default {warmup}; 1 with --quick)"
+    )
+    g.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"
+    )
     g.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
     g.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats: a smoke run")
     parser.set_defaults(_default_repeats=repeats, _default_warmup=warmup)

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -38,8 +36,6 @@ __all__ = ["ConfigError", "from_dict", "load_config", "save_config", "to_dict"]
 
 T = TypeVar("T")
 _NoneType = type(None)
-# PyYAML implements YAML 1.1, whose float pattern requires a dot: `1e-3` loads as the string "1e-3".
-_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -48,6 +44,10 @@ class ConfigError(ValueError):
     def __init__(self, message: str, key: str | None = None):
         super().__init__(" ".join(str(message).splitlines()))
         self.key = key
+
+
+class _Mismatch(ConfigError):
+    """The value at `key` has the wrong type or is not an allowed choice (a Union tries its next member)."""
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
@@ -78,7 +78,14 @@ def to_dict(obj: Any) -> dict[str, Any]:
     """The dataclass `obj` as plain dicts, lists and scalars, ready for YAML or JSON."""
     if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
         raise TypeError(f"to_dict needs a dataclass instance, got {obj!r}")
-    return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    # A config may fill some fields from others (ModelConfig: head_dim from d_model); those are written as
+    # None so that a later override of the source field re-derives them instead of keeping a stale value.
+    derived = set(getattr(obj, "derived_fields", ()))
+    return {
+        f.name: None if f.name in derived else _plain(getattr(obj, f.name))
+        for f in dataclasses.fields(obj)
+        if f.init
+    }
 
 
 def save_config(obj: Any, path: str | Path) -> Path:
@@ -101,7 +108,11 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
-        if isinstance(key, typing.Hashable) and key in seen:
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key; construct_mapping reports it
+            continue
+        if duplicate:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         seen.add(key)
     return loader.construct_mapping(node, deep=deep)
@@ -155,7 +166,7 @@ def _check_key_path(cls: type, parts: list[str], text: str) -> None:
     tp: Any = cls
     for i, part in enumerate(parts):
         tp = _strip_optional(tp)
-        if tp is dict or get_origin(tp) is dict:
+        if tp is dict or tp is Any or get_origin(tp) is dict:
             return  # free-form mapping: any key below it is fine
         section = ".".join(parts[:i])
         if not (dataclasses.is_dataclass(tp) and isinstance(tp, type)):
@@ -180,7 +191,7 @@ def _build(cls: type[T], data: Any, prefix: str) -> T:
     if data is None:  # `model:` with nothing under it means "all defaults"
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or cls.__name__}: expected {_describe(cls)}, got {_show(data)}", prefix)
+        raise _Mismatch(f"{prefix or cls.__name__}: expected {_describe(cls)}, got {_show(data)}", prefix)
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
@@ -199,11 +210,11 @@ def _build(cls: type[T], data: Any, prefix: str) -> T:
         validate = getattr(obj, "validate", None)
         if callable(validate):
             validate()
-    except ConfigError as e:
-        # A validate() that checks a sub-config raises an already-placed error: keep its key.
-        raise ConfigError(f"{prefix}: {e}" if prefix and e.key is None else str(e), e.key or None) from None
     except ValueError as e:
-        raise ConfigError(f"{prefix}: {e}" if prefix else str(e)) from None
+        # Place the message at this sub-config, unless it is a ConfigError that already names its key.
+        if getattr(e, "key", None) is not None:
+            raise ConfigError(str(e), e.key) from None
+        raise ConfigError(f"{prefix}: {e}" if prefix else str(e), prefix or None) from None
     return obj
 
 
@@ -222,9 +233,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         for member in members:
             try:
                 return _convert(value, member, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: expected {_describe(tp)}, got {_show(value)}", key)
+            except _Mismatch as e:
+                if e.key != key:
+                    raise  # the value fits this member but something inside it is wrong
+                if len(members) == 1:  # `X | None`: keep X's message, mention null
+                    message = str(e).replace(f"expected {_describe(member)}", f"expected {_describe(tp)}", 1)
+                    raise _Mismatch(message, key) from None
+        raise _Mismatch(f"{key}: expected {_describe(tp)}, got {_show(value)}", key)
     if origin is Literal:
         for allowed in args:
             if value == allowed and type(value) is type(allowed):
@@ -232,16 +247,16 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         choices = ", ".join(repr(a) for a in args)
         strs = [a for a in args if isinstance(a, str)]
         hint = _hint(value, strs, "") if isinstance(value, str) else ""
-        raise ConfigError(f"{key}: {_show(value)} is not one of {choices}{hint}", key)
+        raise _Mismatch(f"{key}: {_show(value)} is not one of {choices}{hint}", key)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return _build(tp, value, key)
     if value is None:
-        raise ConfigError(f"{key}: expected {_describe(tp)}, got null", key)
+        raise _Mismatch(f"{key}: expected {_describe(tp)}, got null", key)
     if origin in (list, tuple, set, frozenset) or tp in (list, tuple, set, frozenset):
         return _convert_sequence(value, origin or tp, args, key)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected {_describe(tp)}, got {_show(value)}", key)
+            raise _Mismatch(f"{key}: expected {_describe(tp)}, got {_show(value)}", key)
         if not args:
             return dict(value)
         return {
@@ -257,10 +272,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 def _convert_sequence(value: Any, kind: type, args: tuple, key: str) -> Any:
     if not isinstance(value, list | tuple):
-        raise ConfigError(f"{key}: expected a list, got {_show(value)}", key)
+        raise _Mismatch(f"{key}: expected a list, got {_show(value)}", key)
     if kind is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
         if len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} items, got {len(value)}", key)
+            raise _Mismatch(f"{key}: expected a list of {len(args)} items, got {len(value)}", key)
         return tuple(_convert(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
     item = args[0] if args else Any
     return kind(_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value))
@@ -272,21 +287,25 @@ def _to_int(value: Any, key: str) -> int:
     number = _to_float(value, key, "an int") if isinstance(value, float | str) else None
     if number is not None and number.is_integer():  # 1e6 steps is a fine way to write 1000000
         return int(number)
-    raise ConfigError(f"{key}: expected an int, got {_show(value)}", key)
+    raise _Mismatch(f"{key}: expected an int, got {_show(value)}", key)
 
 
 def _to_float(value: Any, key: str, expected: str = "a float") -> float:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
-    if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
-        return float(value)
-    raise ConfigError(f"{key}: expected {expected}, got {_show(value)}", key)
+    if isinstance(value, str):
+        # PyYAML follows YAML 1.1, whose floats need a dot: `lr: 1e-3` arrives as the string "1e-3".
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise _Mismatch(f"{key}: expected {expected}, got {_show(value)}", key)
 
 
 def _to_bool(value: Any, key: str) -> bool:
     if isinstance(value, bool):
         return value
-    raise ConfigError(f"{key}: expected true or false, got {_show(value)}", key)
+    raise _Mismatch(f"{key}: expected true or false, got {_show(value)}", key)
 
 
 def _to_str(value: Any, key: str) -> str:
@@ -296,13 +315,13 @@ def _to_str(value: Any, key: str) -> str:
         return value
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    raise ConfigError(f"{key}: expected a string, got {_show(value)} (quote it)", key)
+    raise _Mismatch(f"{key}: expected a string, got {_show(value)} (quote it)", key)
 
 
 def _to_path(value: Any, key: str) -> Path:
     if isinstance(value, str | Path):
         return Path(value)
-    raise ConfigError(f"{key}: expected a path, got {_show(value)}", key)
+    raise _Mismatch(f"{key}: expected a path, got {_show(value)}", key)
 
 
 _SCALARS = {int: _to_int, float: _to_float, bool: _to_bool, str: _to_str, Path: _to_path}

@@ -1,8 +1,8 @@
 """KV caches implementing `lmforge.model.cache.Cache`. First: the contiguous, preallocated one.
 
-    cache = ContiguousKVCache(model.cfg, batch_size=1, max_len=512)
-    logits = model(prompt, cache=cache)                  # prefill
-    logits = model(next_token, cache=cache)              # one step
+cache = ContiguousKVCache(model.cfg, batch_size=1, max_len=512)
+logits = model(prompt, cache=cache)                  # prefill
+logits = model(next_token, cache=cache)              # one step
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Causal self-attention softmax(QKᵀ/√d)V with MHA/GQA/MQA and five kernels, chosen by `cfg.attention`:
 
 - sdpa            torch's fused scaled_dot_product_attention (flash path on CPU and GPU when it can).
-- naive           explicit matmul → mask → softmax → matmul: the reference every other kernel is tested against.
+- naive           explicit matmul → mask → softmax → matmul: the reference the other kernels are tested on.
 - sliding_window  each query sees the last W keys, computed chunk by chunk: O(T·W) time and memory.
 - block_sparse    local blocks plus one summary key per earlier block (Child et al. 2019), with block ≈ √T,
                   computed by gathering only those keys: O(T·√T) time and memory.
@@ -124,8 +124,8 @@ def sliding_window_attention(q, k, v, window: int, dropout_p=0.0):
 
 def block_sparse_attention(q, k, v, block: int, dropout_p=0.0):
     """Fixed sparse pattern (Child et al. 2019): a query in block i sees blocks i-1 and i (causally) and the
-    last key of every block before those ("summary" keys). With block ≈ √T each query sees ≈ 3√T keys, and only
-    those are gathered: scores are [T/b, b, 2b + T/b], O(T·√T) time and memory."""
+    last key of every block before those ("summary" keys). With block ≈ √T each query sees ≈ 3√T keys, and
+    only those are gathered: scores are [T/b, b, 2b + T/b], O(T·√T) time and memory."""
     B, H, T, D = q.shape
     b = block
     n = math.ceil(T / b)

@@ -60,6 +60,9 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)  # free-form metadata (e.g. the HF family it came from)
 
     def __post_init__(self) -> None:
+        # Fields left None are derived; remember which, so a saved config re-derives them when loaded with
+        # other overrides (lmforge.config.to_dict writes them back as None).
+        self.derived_fields = tuple(f for f in ("n_kv_head", "head_dim", "d_ff") if getattr(self, f) is None)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None and self.n_head > 0:
@@ -74,7 +77,16 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ValueError with a message saying what to change."""
-        positive = ("vocab_size", "max_seq_len", "n_layer", "d_model", "n_head", "n_kv_head", "head_dim", "d_ff")
+        positive = (
+            "vocab_size",
+            "max_seq_len",
+            "n_layer",
+            "d_model",
+            "n_head",
+            "n_kv_head",
+            "head_dim",
+            "d_ff",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -177,4 +189,7 @@ class ModelConfig:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain fields, derived ones as None (see `derived_fields`)."""
+        d = asdict(self)
+        d.update(dict.fromkeys(self.derived_fields))
+        return d

@@ -1,0 +1,251 @@
+"""Run folders: where every stage writes everything it produces.
+
+One run is one folder, `runs/<name>/`:
+
+    config.yaml      the exact config the stage ran with (`load_config` reads it back)
+    metrics.jsonl    one JSON object per logged step: {"step": 10, "time": 1764412345.1, "loss": 2.31, ...}
+    checkpoints/     weights and training state
+    report.md        plus the plots it links to
+
+Typical use inside a stage:
+
+    run = RunDir.create("runs", name="tiny", config=cfg)      # refuses a non-empty folder unless resume=True
+    run.log_metrics(step, loss=loss, lr=lr)
+    atomic_write_bytes(run.checkpoints / "model.safetensors", data)
+
+and in a later stage that takes an earlier run as input:
+
+    prev = RunDir.open("runs/tiny")
+    cfg = prev.load_config(PretrainConfig)
+    history = prev.read_metrics()
+
+Files are written atomically (`atomic_open`, `atomic_write_bytes`, `atomic_write_text`): the data goes to a
+temporary file in the same folder, is fsynced, then renamed over the target, so a crash or a full disk
+leaves the previous version intact rather than a truncated file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from lmforge.config import ConfigError, load_config, save_config
+
+__all__ = ["RunDir", "atomic_open", "atomic_write_bytes", "atomic_write_text", "read_metrics"]
+
+T = TypeVar("T")
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w", encoding: str = "utf-8") -> Iterator[IO[Any]]:
+    """Open `path` for writing so that it is replaced only if the `with` block completes.
+
+        with atomic_open(run.checkpoints / "state.pt", "wb") as f:
+            torch.save(state, f)
+
+    The parent folder is created if needed. On any exception the target is left untouched.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder as the target, so os.replace is a rename on one filesystem (atomic on POSIX and Windows).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # os.open with 0o666 lets the umask decide permissions, as for a plain open(); mkstemp would force 0o600.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically; return the path."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
+    """Write `text` to `path` atomically; return the path."""
+    with atomic_open(path, "w", encoding=encoding) as f:
+        f.write(text)
+    return Path(path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename itself is only durable once the folder entry is flushed (POSIX); Windows cannot open
+    # folders this way, where the call is a harmless no-op.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file (or of the one inside a run folder), in order.
+
+    A last line cut short by a crash mid-write is skipped; a broken line anywhere else is an error.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    lines = path.read_text(encoding="utf-8").split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):  # no newline after it: the write never finished
+                break
+            raise ValueError(f"{path}:{number}: not a JSON line ({e.msg})") from None
+    return records
+
+
+class RunDir:
+    """One run folder. Make one with `RunDir.create` (a stage writing) or `RunDir.open` (a stage reading)."""
+
+    def __init__(self, path: str | Path, resumed: bool = False):
+        self.path = Path(path)
+        self.resumed = resumed  # True when create(resume=True) found earlier output to continue from
+
+    @classmethod
+    def create(
+        cls,
+        root: str | Path = "runs",
+        name: str | None = None,
+        config: Any = None,
+        *,
+        exist_ok: bool = False,
+        resume: bool = False,
+    ) -> RunDir:
+        """Make `root/name` (name defaults to the time, e.g. 2026-11-29_1139) and save `config` in it.
+
+        A folder that already holds files is refused unless `resume` (continue that run) or `exist_ok`
+        (add to it); `resume` on a folder that does not exist yet just starts the run.
+        """
+        root = Path(root)
+        if name is None:
+            path = _claim_timestamped(root)
+            existing = False
+        else:
+            if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+                raise ConfigError(f"run name {name!r} must be a folder name inside {root}")
+            path = root / name
+            if path.exists() and not path.is_dir():
+                raise FileExistsError(f"{path} exists and is not a folder; pick another run name")
+            existing = path.is_dir() and any(path.iterdir())
+            if existing and not (resume or exist_ok):
+                raise FileExistsError(
+                    f"run folder {path} already exists and is not empty; "
+                    "pass --resume to continue it, or choose another name"
+                )
+            path.mkdir(parents=True, exist_ok=True)
+        run = cls(path, resumed=existing and resume)
+        if config is not None:
+            # On resume this records the config now in force (e.g. a raised max_steps).
+            save_config(config, run.config_path)
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        """An existing run folder, for a stage that takes an earlier run as its input."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"run folder not found: {path}")
+        if not (path / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{path} has no {CONFIG_FILE}; is it a run folder?")
+        return cls(path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def checkpoints(self) -> Path:
+        """The checkpoint folder (created by whoever writes the first checkpoint)."""
+        return self.path / CHECKPOINT_DIR
+
+    def load_config(self, cls: type[T], overrides: Sequence[str] = ()) -> T:
+        """This run's config.yaml as `cls` (see lmforge.config.load_config)."""
+        return load_config(cls, self.config_path, overrides)
+
+    def log_metrics(self, step: int, **values: Any) -> dict[str, Any]:
+        """Append one line {"step", "time", **values} to metrics.jsonl; return the record.
+
+        Scalars with `.item()` (torch or numpy) are unwrapped. The file is opened, written and closed per
+        call, so every logged line is on disk (in the OS cache) even if the process dies right after.
+        """
+        if "time" in values:
+            raise ValueError(
+                "'time' is added by log_metrics (wall-clock seconds); log yours under another name"
+            )
+        record = {"step": int(step), "time": round(time.time(), 3), **values}
+        line = json.dumps(record, default=_jsonable)
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+        return record
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """Every record logged so far ([] before the first)."""
+        return read_metrics(self.metrics_path) if self.metrics_path.exists() else []
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+
+def _claim_timestamped(root: Path) -> Path:
+    """Create and return root/<date_time>, adding _2, _3, ... if other runs started in the same minute."""
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y-%m-%d_%H%M")
+    for n in itertools.count(1):
+        path = root / (stamp if n == 1 else f"{stamp}_{n}")
+        try:
+            path.mkdir()  # mkdir is atomic: two processes starting together get different folders
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("unreachable")
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"log_metrics cannot store a value of type {type(value).__name__!r} as JSON")
