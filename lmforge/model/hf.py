@@ -1,0 +1,443 @@
+"""Hugging Face interop: import GPT-2, Llama and Mistral checkpoints into an lmforge `Transformer` and export
+back, with the same logits (fp32: ≤1e-4 relative; tests/model/test_hf_parity.py checks it).
+
+    from lmforge.model.hf import from_hf, to_hf, save_hf, load_hf_tokenizer
+    model = from_hf("path/to/hf_folder")           # config.json + model.safetensors (or a sharded index)
+    model = from_hf(hf_model, dtype=torch.bfloat16)  # or a transformers PreTrainedModel already in memory
+    hf_model = to_hf(model)                         # GPT2LMHeadModel / LlamaForCausalLM / MistralForCausalLM
+    save_hf(model, "out/hf", tokenizer=tok, chat_template=template)  # safetensors folder, written atomically
+    tok, chat_template = load_hf_tokenizer("path/to/hf_folder")      # tokenizers.Tokenizer, str | None
+
+A folder import reads config.json as a plain dict and the weights with safetensors (never pickles), so it
+needs no transformers install; `to_hf`/`save_hf` do. Anything in a checkpoint that lmforge cannot reproduce
+exactly (YaRN/LongRoPE scaling, partial rotary, mixed biases, qk-norm, unknown weights, ...) is refused with
+a ValueError rather than imported with silently different math.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .transformer import Transformer
+
+FAMILIES = ("gpt2", "llama", "mistral")
+# Class defaults of transformers' configs, for config.json files that leave a default out (4.x wrote diffs).
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt2": {
+        "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
+        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False, "add_cross_attention": False, "tie_word_embeddings": True,
+    },
+    "llama": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
+        "max_position_embeddings": 2048, "initializer_range": 0.02, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+    },
+    "mistral": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "hidden_act": "silu",
+        "max_position_embeddings": 4096 * 32, "initializer_range": 0.02, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False, "sliding_window": 4096,
+    },
+}  # fmt: skip
+GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+# Flags of other architectures (qk-norm, Gemma's soft-capping, ...) that a llama-typed config may carry.
+FOREIGN_FLAGS = (
+    "qk_norm",
+    "use_qk_norm",
+    "qk_layernorm",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "use_sliding_window",
+    "attention_chunk_size",
+    "no_rope_layers",
+)
+
+
+def _refuse(what: str) -> ValueError:
+    return ValueError(f"unsupported Hugging Face checkpoint: {what}; lmforge cannot reproduce it")
+
+
+# ---- config: HF dict -> ModelConfig ------------------------------------------------------------------
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """Map a transformers config (as the dict in config.json, 4.x or 5.x style) to a ModelConfig."""
+    model_type = hf.get("model_type")
+    if model_type not in FAMILIES:
+        raise _refuse(f"model_type {model_type!r} (supported: {', '.join(FAMILIES)})")
+    d = {**HF_DEFAULTS[model_type], **hf}
+    if d.get("is_causal") is False:
+        raise _refuse("is_causal=False (bidirectional attention)")
+    for flag in FOREIGN_FLAGS:
+        if d.get(flag):
+            raise _refuse(f"{flag}={d[flag]!r}")
+    meta = {k: d.get(k) for k in ("model_type", "bos_token_id", "eos_token_id", "pad_token_id")}
+    common = dict(dropout=0.0, init_std=d["initializer_range"], norm_position="pre", extra={"hf": meta})
+    if model_type == "gpt2":
+        return _gpt2_config(d, common)
+    return _llama_config(d, common, model_type)
+
+
+def _gpt2_config(d: dict, common: dict) -> ModelConfig:
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+        if d[flag]:
+            raise _refuse(f"GPT-2 {flag}=True")
+    if not d["scale_attn_weights"]:
+        raise _refuse("GPT-2 scale_attn_weights=False (attention without 1/sqrt(d))")
+    act = d["activation_function"]
+    if act not in GPT2_ACTIVATIONS:
+        raise _refuse(f"GPT-2 activation_function {act!r}")
+    return ModelConfig(
+        vocab_size=d["vocab_size"], max_seq_len=d["n_positions"], n_layer=d["n_layer"], d_model=d["n_embd"],
+        n_head=d["n_head"], d_ff=d["n_inner"] or 4 * d["n_embd"], attention="sdpa", position="learned",
+        ffn=GPT2_ACTIVATIONS[act], norm="layernorm", norm_eps=d["layer_norm_epsilon"], bias=True,
+        tie_embeddings=d["tie_word_embeddings"], **common,
+    )  # fmt: skip
+
+
+def _rope_parameters(d: dict) -> dict:
+    """One flat rope dict from either 5.x `rope_parameters` or 4.x `rope_theta` + `rope_scaling`
+    (`rope_scaling` wins, as in transformers' own conversion)."""
+    rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise _refuse("per-layer-type rope_parameters")
+    rope["rope_type"] = rope.get("rope_type") or rope.get("type") or "default"
+    rope.setdefault(
+        "rope_theta", d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta") or 1e4
+    )
+    return rope
+
+
+def _llama_config(d: dict, common: dict, model_type: str) -> ModelConfig:
+    if d["hidden_act"] not in ("silu", "swish"):
+        raise _refuse(f"{model_type} hidden_act {d['hidden_act']!r} (only silu, i.e. SwiGLU)")
+    attn_bias, mlp_bias = bool(d.get("attention_bias")), bool(d.get("mlp_bias"))
+    if model_type == "mistral" and (attn_bias or mlp_bias):
+        raise _refuse("Mistral with attention_bias/mlp_bias")
+    if attn_bias != mlp_bias:
+        raise _refuse(
+            f"attention_bias={attn_bias} with mlp_bias={mlp_bias} (lmforge's bias is all or nothing)"
+        )
+    layer_types = d.get("layer_types")
+    if layer_types and len(set(layer_types)) > 1:
+        raise _refuse(f"mixed layer_types {sorted(set(layer_types))}")
+    rope = _rope_parameters(d)
+    kind = rope["rope_type"]
+    if kind not in ROPE_TYPES:
+        raise _refuse(f"rope type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
+    partial = rope.get("partial_rotary_factor", d.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise _refuse(f"partial_rotary_factor={partial}")
+    required = {
+        "linear": ["factor"],
+        "dynamic": ["factor"],
+        "llama3": ["factor", "low_freq_factor", "high_freq_factor"],
+    }
+    missing = [key for key in required.get(kind, []) if rope.get(key) is None]
+    if missing:
+        raise ValueError(f"rope type {kind!r} needs {missing} in rope_parameters (or 4.x rope_scaling)")
+    max_len = d["max_position_embeddings"]
+    scaling: dict[str, Any] = {}
+    if kind != "default":
+        scaling = dict(rope_scaling=kind, rope_factor=float(rope["factor"]))
+    if kind == "dynamic":
+        # transformers stretches from max_position_embeddings whatever else the dict says. Its dynamic RoPE is
+        # also stateful: after a longer input, shorter ones (still past that length) reuse the longer input's
+        # frequencies; lmforge's depend on the current input only, so they agree when lengths only grow.
+        scaling["rope_original_max_len"] = max_len
+    if kind == "llama3":
+        scaling.update(
+            rope_original_max_len=rope.get("original_max_position_embeddings") or max_len,
+            rope_low_freq_factor=float(rope["low_freq_factor"]),
+            rope_high_freq_factor=float(rope["high_freq_factor"]),
+        )
+    n_head = d["num_attention_heads"]
+    window = d.get("sliding_window") if model_type == "mistral" else None
+    return ModelConfig(
+        vocab_size=d["vocab_size"], max_seq_len=max_len, n_layer=d["num_hidden_layers"],
+        d_model=d["hidden_size"], n_head=n_head, n_kv_head=d["num_key_value_heads"] or n_head,
+        head_dim=d["head_dim"] or d["hidden_size"] // n_head, d_ff=d["intermediate_size"], attention="sdpa",
+        window=window, position="rope", rope_theta=float(rope["rope_theta"]), ffn="swiglu", norm="rmsnorm",
+        norm_eps=d["rms_norm_eps"], bias=attn_bias, tie_embeddings=d["tie_word_embeddings"], **scaling,
+        **common,
+    )  # fmt: skip
+
+
+# ---- weights: HF names <-> lmforge names --------------------------------------------------------------
+LLAMA_LAYER = {
+    "input_layernorm.weight": "norm1.weight", "post_attention_layernorm.weight": "norm2.weight",
+    "self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
+    "self_attn.o_proj": "attn.wo", "mlp.gate_proj": "ffn.gate", "mlp.up_proj": "ffn.up",
+    "mlp.down_proj": "ffn.down",
+}  # fmt: skip
+GPT2_LAYER = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_proj": "attn.wo", "mlp.c_fc": "ffn.up"}
+GPT2_LAYER["mlp.c_proj"] = "ffn.down"
+GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # Conv1D stores weights as [in, out]
+# Buffers that old checkpoints saved: GPT-2's causal mask, Llama's RoPE frequencies.
+IGNORED = re.compile(r"(^h\.\d+\.attn\.(bias|masked_bias)$)|(rotary_emb\.inv_freq$)")
+
+
+def _llama_names(cfg: ModelConfig) -> dict[str, str]:
+    """HF Llama/Mistral parameter name -> lmforge name (HF names without the `model.` prefix)."""
+    names = {"embed_tokens.weight": "tok_emb.weight", "norm.weight": "norm_f.weight"}
+    suffixes = (".weight", ".bias") if cfg.bias else (".weight",)
+    for i in range(cfg.n_layer):
+        for hf, ours in LLAMA_LAYER.items():
+            for s in ("",) if hf.endswith("weight") else suffixes:
+                names[f"layers.{i}.{hf}{s}"] = f"blocks.{i}.{ours}{s}"
+    return names
+
+
+def _gpt2_names(cfg: ModelConfig) -> dict[str, str]:
+    names = {"wte.weight": "tok_emb.weight", "wpe.weight": "add_positions.weight"}
+    names |= {"ln_f.weight": "norm_f.weight", "ln_f.bias": "norm_f.bias"}
+    for i in range(cfg.n_layer):
+        for hf, ours in GPT2_LAYER.items():
+            for s in (".weight", ".bias"):
+                names[f"h.{i}.{hf}{s}"] = f"blocks.{i}.{ours}{s}"
+    return names
+
+
+def _is_conv1d(gpt2_name: str) -> bool:
+    """`h.<i>.attn.c_proj.weight` and friends: stored [in, out] by GPT-2's Conv1D."""
+    parts = gpt2_name.split(".", 2)
+    return parts[0] == "h" and gpt2_name.endswith(".weight") and parts[-1].startswith(GPT2_CONV1D)
+
+
+def _strip_prefix(name: str, family: str) -> str:
+    prefix = "transformer." if family == "gpt2" else "model."
+    return name[len(prefix) :] if name.startswith(prefix) else name
+
+
+def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF state dict -> lmforge state dict. Every HF tensor must be used: an unknown one (q_norm, a bias the
+    config does not announce, ...) means math lmforge would silently drop, so it is refused."""
+    family = cfg.extra["hf"]["model_type"]
+    gpt2 = family == "gpt2"
+    left = {_strip_prefix(k, family): v for k, v in hf_sd.items()}
+    left = {k: v for k, v in left.items() if not IGNORED.search(k)}
+    out: dict[str, torch.Tensor] = {}
+
+    def take(name: str) -> torch.Tensor:
+        if name not in left:
+            raise ValueError(f"Hugging Face checkpoint lacks the tensor {name!r} its config implies")
+        return left.pop(name)
+
+    for hf_name, ours in (_gpt2_names(cfg) if gpt2 else _llama_names(cfg)).items():
+        w = take(hf_name)
+        out[ours] = w.t() if gpt2 and _is_conv1d(hf_name) else w
+    if gpt2:  # c_attn is q|k|v fused along its output dimension
+        for i in range(cfg.n_layer):
+            w, b = take(f"h.{i}.attn.c_attn.weight").t(), take(f"h.{i}.attn.c_attn.bias")
+            for part, wp, bp in zip("qkv", w.split(cfg.d_model), b.split(cfg.d_model)):
+                out[f"blocks.{i}.attn.w{part}.weight"], out[f"blocks.{i}.attn.w{part}.bias"] = wp, bp
+    if cfg.tie_embeddings:
+        left.pop("lm_head.weight", None)  # transformers ties it to the embedding whatever the file holds
+        out["lm_head.weight"] = out["tok_emb.weight"]
+    else:
+        out["lm_head.weight"] = take("lm_head.weight")
+    if left:
+        raise _refuse(f"unexpected weights {sorted(left)[:4]}{' ...' if len(left) > 4 else ''}")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def state_dict_to_hf(model: Transformer, family: str) -> dict[str, torch.Tensor]:
+    """lmforge state dict -> the state dict of the HF *ForCausalLM class of `family`."""
+    cfg, sd = model.cfg, model.state_dict()
+    if family != "gpt2":
+        out = {f"model.{hf}": sd[ours] for hf, ours in _llama_names(cfg).items()}
+        out["lm_head.weight"] = sd["lm_head.weight"]
+        return out
+    out = {}
+    for hf, ours in _gpt2_names(cfg).items():
+        out[f"transformer.{hf}"] = sd[ours].t() if _is_conv1d(hf) else sd[ours]
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}.attn."
+        out[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat([sd[p + f"w{x}.weight"] for x in "qkv"]).t()
+        out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat([sd[p + f"w{x}.bias"] for x in "qkv"])
+    out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
+
+
+# ---- import --------------------------------------------------------------------------------------------
+def read_hf_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """config.json as a dict and every tensor of model.safetensors or of the shards its index lists."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: not a Hugging Face model folder")
+    config = json.loads(config_path.read_text())
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        return config, load_file(single)
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weights: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            weights.update(load_file(folder / shard))
+        return config, weights
+    raise FileNotFoundError(
+        f"no model.safetensors or model.safetensors.index.json in {folder} (pickled .bin checkpoints are not "
+        "loaded: convert them to safetensors first)"
+    )
+
+
+def from_hf(model_or_folder, dtype: torch.dtype | None = None) -> Transformer:
+    """A Transformer with the architecture and weights of a HF GPT-2/Llama/Mistral model (a PreTrainedModel
+    or a local folder). dtype: None keeps the checkpoint's dtype. Dropout starts at 0 (a training choice)."""
+    if isinstance(model_or_folder, (str, os.PathLike)):
+        hf_config, hf_sd = read_hf_folder(model_or_folder)
+    else:
+        hf_config, hf_sd = model_or_folder.config.to_dict(), model_or_folder.state_dict()
+    cfg = config_from_hf(hf_config)
+    sd = state_dict_from_hf(hf_sd, cfg)
+    model = Transformer(cfg)
+    dtype = dtype or sd["tok_emb.weight"].dtype
+    for p in model.parameters():  # parameters only: buffers (RoPE frequencies) stay fp32
+        p.data = p.data.to(dtype)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+# ---- export --------------------------------------------------------------------------------------------
+def _hf_family(cfg: ModelConfig) -> str:
+    """Which HF class reproduces this config; ValueError naming the field that none of them has."""
+
+    def need(field: str, allowed: tuple, family: str) -> None:
+        if getattr(cfg, field) not in allowed:
+            raise ValueError(
+                f"to_hf: {field}={getattr(cfg, field)!r} has no {family} equivalent (allowed: {allowed})"
+            )
+
+    if cfg.norm_position != "pre":
+        raise ValueError(f"to_hf: norm_position={cfg.norm_position!r}: GPT-2, Llama and Mistral are pre-norm")
+    need("attention", ("sdpa", "naive", "sliding_window"), "GPT-2/Llama/Mistral")
+    need("position", ("learned", "rope"), "GPT-2/Llama/Mistral")
+    if cfg.position == "learned":
+        need("norm", ("layernorm",), "GPT-2")
+        need("bias", (True,), "GPT-2")
+        need("ffn", ("gelu_tanh", "gelu", "relu"), "GPT-2")
+        need("window", (None,), "GPT-2")
+        need("n_kv_head", (cfg.n_head,), "GPT-2 (no GQA)")
+        need("head_dim", (cfg.d_model // cfg.n_head,), "GPT-2 (head_dim = d_model / n_head)")
+        return "gpt2"
+    need("norm", ("rmsnorm",), "Llama/Mistral")
+    need("ffn", ("swiglu",), "Llama/Mistral")
+    if cfg.window:
+        need("bias", (False,), "Mistral")
+        return "mistral"
+    return "llama"
+
+
+def hf_config(cfg: ModelConfig):
+    """The transformers config (5.x style, sdpa attention) that reproduces `cfg`."""
+    from transformers import GPT2Config, LlamaConfig, MistralConfig
+
+    family = _hf_family(cfg)
+    ids = {k: v for k, v in cfg.extra.get("hf", {}).items() if k.endswith("_token_id")}
+    ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None} | ids
+    if family == "gpt2":
+        act = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu"}[cfg.ffn]
+        return GPT2Config(
+            vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layer,
+            n_head=cfg.n_head, n_inner=cfg.d_ff, activation_function=act, layer_norm_epsilon=cfg.norm_eps,
+            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+            initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings,
+            attn_implementation="sdpa", **ids,
+        )  # fmt: skip
+    max_len = cfg.max_seq_len
+    rope = {"rope_type": cfg.rope_scaling or "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        rope["factor"] = cfg.rope_factor
+    if cfg.rope_scaling == "dynamic":  # transformers reads the trained length from max_position_embeddings
+        max_len = cfg.rope_original_max_len or cfg.max_seq_len
+    if cfg.rope_scaling == "llama3":
+        rope |= {
+            "original_max_position_embeddings": cfg.rope_original_max_len or cfg.max_seq_len,
+            "low_freq_factor": cfg.rope_low_freq_factor,
+            "high_freq_factor": cfg.rope_high_freq_factor,
+        }
+    common = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+        head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=max_len, rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        rope_parameters=rope, attention_dropout=cfg.dropout, initializer_range=cfg.init_std,
+        attn_implementation="sdpa", **ids,
+    )  # fmt: skip
+    if family == "mistral":
+        return MistralConfig(sliding_window=cfg.window, **common)
+    return LlamaConfig(attention_bias=cfg.bias, mlp_bias=cfg.bias, **common)
+
+
+def to_hf(model: Transformer):
+    """The equivalent transformers model (GPT2LMHeadModel, LlamaForCausalLM or MistralForCausalLM), in eval
+    mode and the dtype of `model`'s parameters."""
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM
+
+    config = hf_config(model.cfg)
+    family = _hf_family(model.cfg)
+    cls = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "mistral": MistralForCausalLM}[family]
+    hf = cls(config)
+    hf.load_state_dict(state_dict_to_hf(model, family), strict=True)
+    return hf.to(model.tok_emb.weight.dtype).eval()
+
+
+def save_hf(model: Transformer, folder, tokenizer=None, chat_template: str | None = None) -> Path:
+    """Write `to_hf(model)` (safetensors) and optionally a tokenizer (a `tokenizers.Tokenizer`) and chat
+    template into `folder`, atomically: everything goes to a temporary folder beside it, then is renamed."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        to_hf(model).save_pretrained(tmp)
+        if tokenizer is not None:
+            (tmp / "tokenizer.json").write_text(tokenizer.to_str())
+            tok_config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+            if chat_template is not None:
+                tok_config["chat_template"] = chat_template
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_hf_tokenizer(folder) -> tuple[Any, str | None]:
+    """(tokenizers.Tokenizer from tokenizer.json, chat template or None). The template comes from
+    chat_template.jinja if present (it wins in transformers too), else tokenizer_config.json's
+    `chat_template`."""
+    from tokenizers import Tokenizer
+
+    folder = Path(folder)
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: only fast (tokenizer.json) Hugging Face tokenizers load")
+    template = None
+    jinja, tok_config = folder / "chat_template.jinja", folder / "tokenizer_config.json"
+    if jinja.is_file():
+        template = jinja.read_text()
+    elif tok_config.is_file():
+        template = json.loads(tok_config.read_text()).get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return Tokenizer.from_file(str(path)), template
