@@ -9,6 +9,12 @@ excluded, gradients and saved activations included). Growth ratios between succe
     python -m benchmarks.attention              # full table (~5 min on 2 cores)
     python -m benchmarks.attention --quick      # T up to 2048, 3 repeats
     python -m benchmarks.attention --record     # append the headline figures to docs/benchmarks.md
+    python -m benchmarks.attention --long       # sub-quadratic kernels only, T = 4096 … 32768 (fp32)
+
+At T ≤ 4096 the O(T·d) tensors every kernel holds (q, k, v, their gradients, the output) outweigh the
+O(T·√T) part of block_sparse, so its growth shows best in `--long`. Its memory stays O(T·d) in practice: the
+≈3√T keys per query are gathered (3·T·d per K and V), and SDPA's flash kernel inside never materialises the
+T·3√T scores; only a boolean mask of that size is kept.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from lmforge.model.positions import RotaryEmbedding, apply_rope
 
 H, D, WINDOW, CHUNK = 12, 64, 256, 64
 KERNELS = ["naive", "sdpa", "sliding_window", "block_sparse", "linear"]
+SUBQUADRATIC = ["sliding_window", "block_sparse", "linear"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -94,8 +101,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths")
-    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES))
+    parser.add_argument("--long", action="store_true", help="sub-quadratic kernels at T = 4096 … 32768, fp32")
     args = apply_common_args(add_common_args(parser, repeats=5, warmup=1).parse_args())
+    if args.long:
+        run_long(args)
+        return
+    args.dtypes = args.dtypes or list(DTYPES)
     lengths = args.lengths or ([512, 1024, 2048] if args.quick else [512, 1024, 2048, 4096])
     print("SDPA backend chosen (torch._fused_sdp_choice, fp32, T=1024, requires_grad):")
     print("\n".join(sdpa_backends()))
@@ -156,6 +168,60 @@ def main() -> None:
                     + "/".join(f"{b / a:.2f}" for a, b in zip(m, m[1:])),
                     cmd,
                 )
+
+
+def keys_per_query(name: str, T: int) -> float:
+    """Keys a query attends to on average (the work per query), from the kernel's own mask formula."""
+    if name == "sliding_window":
+        return min(WINDOW, T)
+    if name == "block_sparse":
+        b = block_for(T)
+        return 2 * b + math.ceil(T / b)  # gathered per query block: two local blocks + one summary per block
+    return float("nan")
+
+
+def run_long(args) -> None:
+    lengths = args.lengths or [4096, 8192, 16384, 32768]
+    times, mems = {}, {}
+    for T in lengths:
+        inputs = make_inputs(T, torch.float32)
+        bench = Bench(repeats=args.repeats, warmup=args.warmup, title=f"fp32 T={T} fwd+bwd")
+        for name in SUBQUADRATIC:
+            bench.add(name, lambda n=name, x=inputs, t=T: step(n, x, t), baseline=name == "sliding_window")
+        result = bench.run()
+        result.print()
+        for name in SUBQUADRATIC:
+            times[T, name] = result[name].median
+            mems[T, name] = peak_live_memory(step, (name, inputs, T)).bytes
+    # Growth across separate runs carries the machine's drift; the time ratio to sliding_window (an O(T·W)
+    # kernel, W fixed) inside one interleaved run does not. Theory per doubling: block_sparse √2, linear 1.
+    table = Table(
+        ["kernel", "keys/query", "time ×/doubling", "mem ×/doubling", "÷ sliding ×/doubling", "geo. mean"],
+        title="fp32, long sequences: growth per doubling of T (O(T): 2, O(T·√T): 2.83, O(T²): 4)",
+    )
+    rows = {}
+    for name in SUBQUADRATIC:
+        t = [times[T, name] for T in lengths]
+        m = [mems[T, name] for T in lengths]
+        rel = [times[T, name] / times[T, "sliding_window"] for T in lengths]
+        keys = "/".join(f"{keys_per_query(name, T):.0f}" for T in lengths) if name != "linear" else "d×d"
+        per_doubling = 1 / (len(t) - 1)
+        rows[name] = (
+            "/".join(f"{b / a:.2f}" for a, b in zip(t, t[1:])),
+            "/".join(f"{b / a:.2f}" for a, b in zip(m, m[1:])),
+            "/".join(f"{b / a:.2f}" for a, b in zip(rel, rel[1:])),
+            f"time {(t[-1] / t[0]) ** per_doubling:.2f}, ÷ sliding {(rel[-1] / rel[0]) ** per_doubling:.2f}",
+        )
+        table.add(name, keys, *rows[name])
+    table.print()
+    if args.record:
+        for name in SUBQUADRATIC:
+            record(
+                f"attention {name} fp32: growth per doubling of T ({lengths[0]}→{lengths[-1]})",
+                f"time {rows[name][0]}; memory {rows[name][1]}; time ÷ sliding_window {rows[name][2]} "
+                f"(geometric mean per doubling: {rows[name][3]})",
+                command_line(),
+            )
 
 
 if __name__ == "__main__":
