@@ -76,6 +76,17 @@ def step(name: str, inputs, T: int):
     q.grad = k.grad = v.grad = None
 
 
+def measure(kernels, baseline: str, T: int, dtype_name: str, args) -> dict[str, tuple[float, int]]:
+    """Interleaved timing of `kernels` at one T and dtype, then each one's peak live memory."""
+    inputs = make_inputs(T, DTYPES[dtype_name])
+    bench = Bench(repeats=args.repeats, warmup=args.warmup, title=f"{dtype_name} T={T} fwd+bwd")
+    for name in kernels:
+        bench.add(name, lambda n=name: step(n, inputs, T), baseline=name == baseline)
+    result = bench.run()
+    result.print()
+    return {name: (result[name].median, peak_live_memory(step, (name, inputs, T)).bytes) for name in kernels}
+
+
 def sdpa_backends() -> list[str]:
     """Which backend SDPA picks on this machine for the cases that matter (the index → SDPBackend name)."""
     names = {int(v): k for k, v in SDPBackend.__members__.items()}
@@ -116,15 +127,8 @@ def main() -> None:
     mems: dict[tuple, int] = {}
     for dtype_name in args.dtypes:
         for T in lengths:
-            inputs = make_inputs(T, DTYPES[dtype_name])
-            bench = Bench(repeats=args.repeats, warmup=args.warmup, title=f"{dtype_name} T={T} fwd+bwd")
-            for name in KERNELS:
-                bench.add(name, lambda n=name, x=inputs, t=T: step(n, x, t), baseline=name == "naive")
-            result = bench.run()
-            result.print()
-            for name in KERNELS:
-                times[dtype_name, T, name] = result[name].median
-                mems[dtype_name, T, name] = peak_live_memory(step, (name, inputs, T)).bytes
+            for name, (t, m) in measure(KERNELS, "naive", T, dtype_name, args).items():
+                times[dtype_name, T, name], mems[dtype_name, T, name] = t, m
 
     for dtype_name in args.dtypes:
         table = Table(
@@ -184,15 +188,8 @@ def run_long(args) -> None:
     lengths = args.lengths or [4096, 8192, 16384, 32768]
     times, mems = {}, {}
     for T in lengths:
-        inputs = make_inputs(T, torch.float32)
-        bench = Bench(repeats=args.repeats, warmup=args.warmup, title=f"fp32 T={T} fwd+bwd")
-        for name in SUBQUADRATIC:
-            bench.add(name, lambda n=name, x=inputs, t=T: step(n, x, t), baseline=name == "sliding_window")
-        result = bench.run()
-        result.print()
-        for name in SUBQUADRATIC:
-            times[T, name] = result[name].median
-            mems[T, name] = peak_live_memory(step, (name, inputs, T)).bytes
+        for name, (t, m) in measure(SUBQUADRATIC, "sliding_window", T, "fp32", args).items():
+            times[T, name], mems[T, name] = t, m
     # Growth across separate runs carries the machine's drift; the time ratio to sliding_window (an O(T·W)
     # kernel, W fixed) inside one interleaved run does not. Theory per doubling: block_sparse √2, linear 1.
     table = Table(
