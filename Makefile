@@ -26,5 +26,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check lmforge tests benchmarks
 	$(BIN)/ruff format --check lmforge tests benchmarks
 
+# Prepare the stdlib corpus, pretrain the tiny recipe for a few minutes, sample, compare with xz/gzip.
+demo: $(STAMP)
+	$(BIN)/lmforge demo
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,96 @@
+"""What a finished run is used for: load its model, sample from it, evaluate it, export it to HF.
+
+    lmforge sample runs/demo --prompt "def fibonacci(n):" --max-new-tokens 120
+    lmforge eval runs/demo                       # val loss and bits per byte on the run's data
+    lmforge export --to hf runs/demo --out exports/demo
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lmforge.config import ConfigError, from_dict
+from lmforge.model import ModelConfig, Transformer
+from lmforge.runs import RunDir
+
+from .checkpoint import latest_checkpoint, load_weights
+
+
+def load_run_model(run: str | Path, step: int | None = None) -> tuple[Transformer, Path, dict]:
+    """The model of a run folder at its latest checkpoint (or `step`), its tokenizer.json and its config."""
+    import yaml
+
+    run_dir = RunDir.open(run)
+    config = yaml.safe_load(run_dir.config_path.read_text())
+    model = Transformer(from_dict(ModelConfig, config["model"]))
+    ckpt = run_dir.checkpoints / f"step_{step:06d}" if step is not None else latest_checkpoint(run_dir.checkpoints)
+    if ckpt is None or not ckpt.is_dir():
+        raise FileNotFoundError(f"no checkpoint in {run_dir.checkpoints}: train first, or pick another --step")
+    load_weights(ckpt, model)
+    model.eval()
+    return model, run_dir.path / "tokenizer.json", config
+
+
+def sample(run: str | Path, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
+           top_k: int | None = 50, seed: int = 0, stream: bool = True) -> str:  # fmt: skip
+    """Continue `prompt` with the run's model; prints tokens as they come when `stream`."""
+    from lmforge.infer.generate import generate_stream
+    from lmforge.tokenizer import Tokenizer
+
+    model, tok_path, _ = load_run_model(run)
+    tok = Tokenizer.load(tok_path)
+    ids = tok.encode(prompt)
+    if model.cfg.position == "learned":  # no positions beyond the table
+        max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - len(ids))
+    decoder = tok.incremental_decoder()
+    pieces = []
+    for token in generate_stream(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                 seed=seed, stop_ids=(tok.eos_id,)):  # fmt: skip
+        if token == tok.eos_id:
+            break
+        text = decoder.feed(token)
+        pieces.append(text)
+        if stream:
+            print(text, end="", flush=True)
+    tail = decoder.flush()
+    pieces.append(tail)
+    if stream:
+        print(tail, flush=True)
+    return "".join(pieces)
+
+
+def evaluate(run: str | Path, data: str | None = None, batches: int = 0, batch_size: int = 16) -> dict[str, float]:
+    """Val loss (nats/token) and bits per byte of the run's model on `data` (default: the run's own data)."""
+    from lmforge.data.loader import TokenData
+
+    from .distributed import environment
+    from .pretrain import evaluate_lm
+
+    model, _, config = load_run_model(run)
+    data_dir = data or config.get("data")
+    if not data_dir:
+        raise ConfigError("the run names no data folder: pass --data DIR")
+    token_data = TokenData(data_dir)
+    with torch.no_grad():
+        return evaluate_lm(model, token_data, seq_len=model.cfg.max_seq_len, batch_size=batch_size,
+                           max_batches=batches or None, env=environment())  # fmt: skip
+
+
+def export(run: str | Path, to: str, out: str | Path) -> Path:
+    """Write the run's model as a Hugging Face folder: safetensors weights, config, tokenizer, generation config."""
+    if to != "hf":
+        raise ConfigError(f"export --to {to!r}: only 'hf' is supported")
+    from lmforge.model.hf import save_hf
+    from lmforge.tokenizer import Tokenizer
+
+    model, tok_path, _ = load_run_model(run)
+    tok = Tokenizer.load(tok_path)
+    folder = save_hf(model, out, tokenizer=tok.hf)
+    tok.save(folder)  # tokenizer.json again, with tokenizer_config.json naming the special tokens
+    generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
+                  "do_sample": True, "temperature": 0.8, "top_k": 50, "max_new_tokens": 256}  # fmt: skip
+    (Path(folder) / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    return Path(folder)

@@ -1,0 +1,91 @@
+"""CLI commands of the training stage: pretrain, sample, eval, export. Heavy imports stay inside the functions
+so `lmforge --help` does not load torch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lmforge.cli import add_config_arguments, command, config_from_args
+
+
+def _pretrain_args(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p)
+    p.add_argument("--resume", action="store_true", help="continue the run of the same name from its last checkpoint")
+
+
+@command("pretrain", help="train a language model from a recipe (configs/pretrain/*.yaml)", arguments=_pretrain_args)
+def pretrain(args: argparse.Namespace) -> None:
+    from lmforge.train.pretrain import PretrainConfig, run
+
+    cfg = config_from_args(PretrainConfig, args)
+    cfg.resume = cfg.resume or args.resume
+    run_dir = run(cfg)
+    print(f"run folder: {run_dir.path}")
+
+
+def _run_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder, e.g. runs/demo")
+
+
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    _run_arg(p)
+    p.add_argument("--prompt", default="", help="text to continue (default: empty, i.e. from <|bos|>-less start)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("sample", help="continue a prompt with a trained run's model, streaming", arguments=_sample_args)
+def sample(args: argparse.Namespace) -> None:
+    from lmforge.train.artifacts import sample as sample_run
+
+    print(args.prompt, end="", flush=True)
+    sample_run(args.run, args.prompt or "\n", max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+               top_k=args.top_k, seed=args.seed)  # fmt: skip
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    _run_arg(p)
+    p.add_argument("--data", default=None, help="prepared data folder (default: the run's own)")
+    p.add_argument("--batches", type=int, default=0, help="val batches to use (default 0: the whole split)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+@command("eval", help="val loss and bits per byte of a run's model", arguments=_eval_args)
+def evaluate(args: argparse.Namespace) -> None:
+    from lmforge.train.artifacts import evaluate as evaluate_run
+
+    result = evaluate_run(args.run, args.data, batches=args.batches)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"val loss {result['val_loss']:.4f} nats/token, {result['val_bpb']:.4f} bits/byte")
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    _run_arg(p)
+    p.add_argument("--to", default="hf", choices=["hf"], help="target format")
+    p.add_argument("--out", required=True, help="output folder")
+
+
+@command("export", help="export a run's model (Hugging Face folder: safetensors, config, tokenizer)",
+         arguments=_export_args)  # fmt: skip
+def export(args: argparse.Namespace) -> None:
+    from lmforge.train.artifacts import export as export_run
+
+    print(f"exported to {export_run(args.run, args.to, args.out)}")
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="data/python-stdlib", help="prepared corpus folder (made if missing)")
+    p.add_argument("--config", default="configs/pretrain/tiny.yaml", help="pretraining recipe")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.steps=100")
+
+
+@command("demo", help="prepare the stdlib corpus, pretrain tiny, sample, compare with xz/gzip", arguments=_demo_args)
+def demo(args: argparse.Namespace) -> None:
+    from lmforge.demo import run_demo
+
+    run_demo(args.data, args.config, tuple(args.overrides))

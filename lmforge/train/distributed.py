@@ -1,0 +1,131 @@
+"""Data parallelism applied to a plain model from outside (as torchtitan does): the model never knows.
+
+The same command runs on one process or under torchrun:
+
+    lmforge pretrain --config configs/pretrain/tiny.yaml                                   # one process
+    torchrun --nproc_per_node=2 -m lmforge pretrain --config configs/pretrain/tiny.yaml      # DDP
+    torchrun --nproc_per_node=2 -m lmforge pretrain --config ... train.parallel=fsdp         # FSDP2
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \\
+             --nproc_per_node=8 -m lmforge pretrain --config configs/pretrain/gpu-small.yaml  # multi-node
+
+Backend: NCCL on CUDA, gloo on CPU. Each rank reads a disjoint slice of every global batch
+(`lmforge.data.loader.sample_batch`), so the ranks together see exactly one process's batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def environment() -> DistEnv:
+    """Initialise the process group when launched by torchrun (RANK/WORLD_SIZE set); one process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistEnv(0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def resolve_parallel(parallel: str, env: DistEnv) -> str:
+    if parallel == "auto":
+        return "ddp" if env.distributed else "none"
+    if parallel != "none" and not env.distributed:
+        return "none"  # the same recipe runs on one process
+    return parallel
+
+
+def apply_parallel(model: nn.Module, parallel: str, env: DistEnv) -> nn.Module:
+    """DDP wraps the model; FSDP2 shards every block, then the root (parameters become DTensors)."""
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [env.local_rank] if env.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    if parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        for block in getattr(model, "blocks", []):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    return model
+
+
+def no_sync(model: nn.Module, skip: bool):
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if skip and hasattr(model, "no_sync"):
+        return model.no_sync()
+    if skip and hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        return _restore_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _restore_sync(model):
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def all_true(flag: bool, env: DistEnv) -> bool:
+    """True on every rank only if true on every rank (e.g. "my loss is finite": all ranks skip together)."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def any_true(flag: bool, env: DistEnv) -> bool:
+    return not all_true(not flag, env)
+
+
+def mean(value: float, env: DistEnv) -> float:
+    if not env.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.item() / env.world_size
+
+
+def gather_objects(obj, env: DistEnv) -> list:
+    """Every rank's `obj` (e.g. its RNG state), on every rank."""
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()

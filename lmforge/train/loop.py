@@ -1,0 +1,348 @@
+"""The one training loop. Pretraining, SFT, reward modelling and DPO differ only in the batch they draw and
+the loss they compute; both are plugged in:
+
+    trainer = Trainer(model, cfg, run, batch_fn=lambda step, micro, n_micro: ..., loss_fn=lambda m, b: ...)
+    trainer.fit()
+
+Each optimizer step: `n_micro` micro-batches (gradient accumulation; DDP syncs only on the last), autocast
+in bf16 or fp16 (fp32 master weights; fp16 through a GradScaler), a NaN/inf loss agreed across ranks skips
+the step (K in a row stop the run), gradients clipped, AdamW stepped, the schedule advanced. Around it: eval
+every N steps, checkpoints every N steps, on SIGINT/SIGTERM and at the end, a progress bar with loss,
+tokens/s, MFU and ETA, `metrics.jsonl` (and TensorBoard when installed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from lmforge.runs import RunDir
+
+from . import distributed as dist_utils
+from .checkpoint import (
+    apply_sharded,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+Batch = Any
+LossFn = Callable[[nn.Module, Batch], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16  # sequences per optimizer step, all ranks and micro-batches together
+    micro_batch_size: int | None = (
+        None  # per rank per forward; None: batch_size / world size (no accumulation)
+    )
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    eval_every: int = 200
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 5  # consecutive NaN/inf steps before the run stops
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise ValueError("steps and batch_size must be positive")
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
+            )
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at the last step (or constant)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay only on matrices (≥2-D: linear weights, embeddings); norms and biases are not
+    decayed (as in GPT-2/nanoGPT: decaying gains and offsets only hurts)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = {"fused": True} if all(p.is_cuda for p in params) and params else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' → bf16 where it is fast (CUDA with bf16, a CPU with native bf16 matmul), else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    from .mfu import cpu_supports_fast_bf16
+
+    return "bf16" if cpu_supports_fast_bf16() else "fp32"
+
+
+class Trainer:
+    """Runs `cfg.steps` optimizer steps of `loss_fn(model, batch_fn(step, micro, n_micro))`.
+
+    batch_fn returns this rank's micro-batch (anything loss_fn understands); tokens_fn(batch) counts the
+    tokens it trains on (for tokens/s and MFU); eval_fn(model) returns metrics to log; flops_per_token
+    enables MFU."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        run: RunDir,
+        *,
+        batch_fn: Callable[[int, int, int], Batch],
+        loss_fn: LossFn,
+        eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+        tokens_fn: Callable[[Batch], int] = lambda b: b[0].numel(),
+        flops_per_token: float | None = None,
+        resume: bool = False,
+    ):
+        self.cfg, self.run = cfg, run
+        self.env = dist_utils.environment()
+        self.device = self.env.device
+        self.precision = resolve_precision(cfg.precision, self.device)
+        world = self.env.world_size
+        micro = cfg.micro_batch_size or cfg.batch_size // world
+        if cfg.batch_size % (micro * world):
+            raise ValueError(
+                f"batch_size {cfg.batch_size} is not divisible by micro_batch_size {micro} × {world} ranks"
+            )
+        self.n_micro = cfg.batch_size // (micro * world)
+        self.batch_fn, self.loss_fn, self.eval_fn, self.tokens_fn = batch_fn, loss_fn, eval_fn, tokens_fn
+        self.flops_per_token = flops_per_token
+
+        torch.manual_seed(cfg.seed + self.env.rank)
+        if cfg.activation_checkpointing:
+            for block in getattr(model, "blocks", []):
+                block.checkpoint = True
+        self.raw_model = model.to(self.device)
+        self.parallel = dist_utils.resolve_parallel(cfg.parallel, self.env)
+        self.model = dist_utils.apply_parallel(self.raw_model, self.parallel, self.env)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        self.step = 0
+        self.bad_steps = 0
+        self._stop_signal: int | None = None
+        if resume:
+            self._resume()
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.run.checkpoints)
+        if path is None:
+            return
+        state = load_checkpoint(path, self.raw_model)
+        if "sharded_path" in state:
+            apply_sharded(state["sharded_path"], self.model, self.optimizer)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
+        if state.get("world_size") == self.env.world_size:  # RNG streams are per rank
+            set_rng_state(state["rng"][self.env.rank] if isinstance(state["rng"], list) else state["rng"])
+        self.step = int(state["step"])
+        self._log(f"resumed from {path} at step {self.step}")
+
+    def save(self) -> None:
+        sharded = self.parallel == "fsdp"
+        rngs = dist_utils.gather_objects(rng_state(), self.env)
+        state = {
+            "step": self.step,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "rng": rngs,
+            "world_size": self.env.world_size,
+        }
+        if sharded:
+            state["optimizer_object"] = self.optimizer
+        elif self.env.rank == 0:
+            state["optimizer"] = self.optimizer.state_dict()
+        if sharded or self.env.rank == 0:
+            save_checkpoint(
+                self.run.checkpoints, self.step, self.raw_model, state, keep=self.cfg.keep_checkpoints,
+                sharded=sharded, rank=self.env.rank, info={"precision": self.precision},
+            )  # fmt: skip
+        dist_utils.barrier(self.env)
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        cfg = self.cfg
+        last: dict[str, float] = {}
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = self._progress_bar()
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                metrics = self.train_step()
+                dt = time.perf_counter() - t0
+                self.step += 1
+                metrics.update(self._speed(metrics.pop("tokens"), dt))
+                if self.eval_fn and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                    metrics.update(self.evaluate())
+                if self.step % cfg.log_every == 0 or "val_loss" in metrics or self.step == cfg.steps:
+                    self._record(metrics)
+                last = metrics
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(self._postfix(metrics), refresh=False)
+                if self.bad_steps >= cfg.max_bad_steps:
+                    raise FloatingPointError(f"{self.bad_steps} steps in a row had a NaN/inf loss: stopping")
+                if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self.save()
+                if dist_utils.any_true(self._stop_signal is not None, self.env):
+                    self._log(f"signal received: checkpoint at step {self.step}, then stop")
+                    break
+            self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return last
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        total_loss, tokens, extra = 0.0, 0, {}
+        for micro in range(self.n_micro):
+            batch = self.batch_fn(self.step, micro, self.n_micro)
+            tokens += self.tokens_fn(batch)
+            sync = micro == self.n_micro - 1
+            with dist_utils.no_sync(self.model, skip=not sync), self._autocast():
+                out = self.loss_fn(self.model, batch)
+                loss, extra = out if isinstance(out, tuple) else (out, {})
+                loss = loss / self.n_micro  # the mean over the whole batch, as one big batch would give
+            self.scaler.scale(loss).backward()
+            total_loss += loss.detach().float().item()
+        finite = dist_utils.all_true(math.isfinite(total_loss), self.env)
+        grad_norm = float("nan")
+        if finite:
+            self.scaler.unscale_(self.optimizer)
+            if cfg.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            if self.scaler.is_enabled() or math.isfinite(grad_norm) or cfg.grad_clip <= 0:
+                self.scaler.step(self.optimizer)  # the scaler itself skips steps whose gradients hold inf
+            else:
+                finite = False
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps = 0 if finite else self.bad_steps + 1
+        loss_value = dist_utils.mean(total_loss, self.env) if finite else float("nan")
+        metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, **extra}
+        if not finite:
+            metrics["skipped"] = 1.0
+            self._log(f"step {self.step}: non-finite loss or gradient, step skipped")
+        if self.scaler.is_enabled():
+            metrics["loss_scale"] = float(self.scaler.get_scale())
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        with self._autocast():
+            result = self.eval_fn(self.model)
+        self.model.train()
+        return result
+
+    # ---- helpers ------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _speed(self, tokens: int, dt: float) -> dict[str, float]:
+        global_tokens = tokens * self.env.world_size
+        out = {"tokens_per_s": global_tokens / dt, "step_time": dt}
+        if self.flops_per_token:
+            from .mfu import device_peak
+
+            peak, _ = device_peak(self.device, self.precision)
+            out["mfu"] = self.flops_per_token * global_tokens / dt / (peak * self.env.world_size)
+        return out
+
+    def _record(self, metrics: dict[str, float]) -> None:
+        if self.env.rank == 0:
+            self.run.log_metrics(self.step, **{k: float(v) for k, v in metrics.items()})
+            _tensorboard_log(self.run, self.step, metrics)
+
+    def _postfix(self, m: dict[str, float]) -> str:
+        parts = [f"loss {m['loss']:.3f}", f"{m['tokens_per_s']:,.0f} tok/s"]
+        if "mfu" in m:
+            parts.append(f"MFU {m['mfu']:.0%}")
+        if "val_loss" in m:
+            parts.append(f"val {m['val_loss']:.3f}")
+        return " | ".join(parts)
+
+    def _progress_bar(self):
+        if not self.cfg.progress or self.env.rank != 0:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+
+    def _log(self, message: str) -> None:
+        if self.env.rank == 0:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message)
+
+
+_TB_WRITERS: dict[str, Any] = {}
+
+
+def _tensorboard_log(run: RunDir, step: int, metrics: dict[str, float]) -> None:
+    """TensorBoard event files beside metrics.jsonl, when the tensorboard package is installed."""
+    key = str(run.path)
+    if key not in _TB_WRITERS:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            _TB_WRITERS[key] = SummaryWriter(log_dir=str(run.path / "tensorboard"))
+        except ImportError:
+            _TB_WRITERS[key] = None
+    writer = _TB_WRITERS[key]
+    if writer is not None:
+        for name, value in metrics.items():
+            writer.add_scalar(name, value, step)

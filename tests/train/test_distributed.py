@@ -1,0 +1,47 @@
+"""Data parallel on 2 CPU ranks (gloo, torchrun): disjoint samples, the same losses as one process with the
+same global batch, and a sharded (DCP) checkpoint from 2 ranks that resumes on 1."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+
+
+def launch(out: Path, parallel: str, steps: int, nproc: int, resume: bool = False) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, str(WORKER)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER)]
+    proc = subprocess.run(
+        [*cmd, str(out), parallel, str(steps), "resume" if resume else "fresh"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process(tmp_path, parallel):
+    single = launch(tmp_path / "one", "none", 3, 1)[0]
+    ranks = launch(tmp_path / parallel, parallel, 3, 2)
+    a, b = (set(map(tuple, r["seen"])) for r in ranks)
+    assert not a & b  # disjoint rows of every global batch
+    assert a | b == set(map(tuple, single["seen"]))  # together: exactly one process's batches
+    for step in range(3):
+        mean_of_ranks = (ranks[0]["losses"][step] + ranks[1]["losses"][step]) / 2
+        assert mean_of_ranks == pytest.approx(single["losses"][step], abs=1e-5)
+
+
+def test_fsdp_checkpoint_from_two_ranks_resumes_on_one(tmp_path):
+    launch(tmp_path, "fsdp", 2, 2)  # saves a DCP checkpoint at step 2
+    assert (tmp_path / "run" / "checkpoints" / "step_000002" / "dcp").is_dir()
+    resumed = launch(tmp_path, "none", 3, 1, resume=True)[0]
+    straight = launch(tmp_path / "straight", "none", 3, 1)[0]
+    assert resumed["start"] == 2
+    assert resumed["losses"][0] == pytest.approx(straight["losses"][2], abs=1e-5)

@@ -1,0 +1,163 @@
+"""The training loop: accumulation equals one big batch, exact resume, fp16 scaling, NaN handling, schedule."""
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from train_helpers import batch_fn_for, lm_loss, tiny_model
+
+from lmforge.runs import RunDir, read_metrics
+from lmforge.train.checkpoint import latest_checkpoint
+from lmforge.train.loop import TrainConfig, Trainer, lr_at, make_optimizer
+
+
+def config(**kw) -> TrainConfig:
+    base = dict(
+        steps=4,
+        batch_size=8,
+        lr=1e-2,
+        min_lr=1e-3,
+        warmup_steps=1,
+        precision="fp32",
+        eval_every=1000,
+        log_every=1,
+        checkpoint_every=1000,
+        progress=False,
+        grad_clip=1.0,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def make(run, cfg, seed=0, resume=False, **model_kw):
+    model = tiny_model(seed, **model_kw)
+    return Trainer(model, cfg, run, batch_fn=batch_fn_for(cfg.batch_size), loss_fn=lm_loss, resume=resume)
+
+
+@pytest.mark.parametrize("micro", [1, 2, 4])
+def test_accumulated_micro_batches_equal_one_batch(tmp_path, micro):
+    one = make(RunDir.create(tmp_path, "one"), config(batch_size=8))
+    acc = make(RunDir.create(tmp_path, f"acc{micro}"), config(batch_size=8, micro_batch_size=micro))
+    assert acc.n_micro == 8 // micro
+    # Plain SGD makes the update proportional to the gradient; Adam's first steps (g / (|g| + eps)) would
+    # amplify float rounding in near-zero gradients into differences that say nothing about accumulation.
+    for t in (one, acc):
+        t.optimizer = torch.optim.SGD(t.model.parameters(), lr=0.5)
+    for _ in range(3):
+        a, b = one.train_step(), acc.train_step()
+        one.step += 1
+        acc.step += 1
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-6)
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-5)
+    for (name, p), q in zip(one.model.named_parameters(), acc.model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
+
+
+def test_resume_continues_exactly(tmp_path):
+    """N steps, stop, resume N more == 2N uninterrupted: the same loss at every step (fp32, dropout on)."""
+    straight = RunDir.create(tmp_path, "straight")
+    make(straight, config(steps=6), dropout=0.1).fit()
+    split = RunDir.create(tmp_path, "split")
+    first = make(split, config(steps=6), dropout=0.1)
+
+    def loss_then_sigterm(model, batch):  # SIGTERM arrives during step 3: the loop saves after it and stops
+        if first.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return lm_loss(model, batch)
+
+    first.loss_fn = loss_then_sigterm
+    first.fit()
+    assert latest_checkpoint(split.checkpoints).name == "step_000003"
+    resumed = make(
+        split, config(steps=6), seed=123, resume=True, dropout=0.1
+    )  # other init: must be overwritten
+    assert resumed.step == 3
+    resumed.fit()
+    a = [r["loss"] for r in read_metrics(straight.path)]
+    b = [r["loss"] for r in read_metrics(split.path)]
+    assert len(a) == len(b) == 6
+    assert a == b  # bit-identical
+    assert latest_checkpoint(split.checkpoints).name == "step_000006"
+
+
+def test_checkpoints_keep_the_last_k(tmp_path):
+    run = RunDir.create(tmp_path, "k")
+    make(run, config(steps=7, checkpoint_every=1, keep_checkpoints=2)).fit()
+    names = sorted(p.name for p in run.checkpoints.iterdir())
+    assert names == ["step_000006", "step_000007"]
+    info = json.loads((run.checkpoints / "step_000007" / "info.json").read_text())
+    assert info["step"] == 7
+
+
+def test_plain_fp16_underflows_and_the_scaler_keeps_gradients():
+    model = tiny_model()
+    x = torch.randint(0, 37, (4, 16))
+
+    def grads(scale):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(x).float().logsumexp(-1).mean() * 1e-9  # a tiny loss
+        (loss * scale).backward()
+        return torch.cat([p.grad.flatten() / scale for p in model.parameters() if p.grad is not None])
+
+    assert grads(1.0).abs().max() == 0  # fp16 activations' gradients underflow to zero
+    scaled = grads(2.0**24)
+    assert (scaled != 0).float().mean() > 0.5
+
+
+def test_fp16_inf_gradient_skips_the_step_and_halves_the_scale(run_dir):
+    cfg = config(precision="fp16", steps=3, grad_clip=0)
+    poison = {"step": 1}
+
+    def loss_fn(model, batch):
+        loss = lm_loss(model, batch)
+        if trainer.step == poison["step"]:
+            loss.register_hook(lambda g: g * float("inf"))
+        return loss
+
+    trainer = Trainer(tiny_model(), cfg, run_dir, batch_fn=batch_fn_for(8), loss_fn=loss_fn)
+    trainer.train_step()
+    trainer.step = 1
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    scale = trainer.scaler.get_scale()
+    trainer.train_step()
+    assert trainer.scaler.get_scale() == scale / 2
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    trainer.step = 2
+    trainer.train_step()
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_nan_loss_skips_and_k_in_a_row_stop(run_dir):
+    def loss_fn(model, batch):
+        loss = lm_loss(model, batch)
+        return loss * float("nan") if trainer.step >= 2 else loss
+
+    trainer = Trainer(
+        tiny_model(), config(steps=20, max_bad_steps=3), run_dir, batch_fn=batch_fn_for(8), loss_fn=loss_fn
+    )
+    with pytest.raises(FloatingPointError, match="3 steps in a row"):
+        trainer.fit()
+    rows = read_metrics(run_dir.path)
+    assert [r.get("skipped", 0) for r in rows] == [0, 0, 1, 1, 1]
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    cfg = TrainConfig(steps=100, lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+
+
+def test_weight_decay_only_on_matrices():
+    model = tiny_model(bias=True, norm="layernorm")
+    opt = make_optimizer(model, TrainConfig())
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
