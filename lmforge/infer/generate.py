@@ -22,8 +22,10 @@ def generate_stream(
     top_k: int | None = None,
     seed: int | None = None,
     stop_ids: tuple[int, ...] = (),
+    vocab_size: int | None = None,
 ) -> Iterator[int]:
-    """Yield new token ids one at a time. temperature 0 is greedy."""
+    """Yield new token ids one at a time. temperature 0 is greedy. `vocab_size` keeps sampling inside the
+    tokenizer's vocabulary when the model's embedding is padded past it."""
     cfg = model.cfg
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
@@ -39,7 +41,7 @@ def generate_stream(
     model.eval()
     logits = model(torch.tensor([prompt], device=device), cache=cache)[0, -1]
     for _ in range(max_new_tokens):
-        token = sample_token(logits.float(), temperature, top_k, generator)
+        token = sample_token(logits[:vocab_size].float(), temperature, top_k, generator)
         yield token
         if token in stop_ids:
             return

@@ -48,7 +48,7 @@ def sample(run: str | Path, prompt: str, *, max_new_tokens: int = 200, temperatu
     decoder = tok.incremental_decoder()
     pieces = []
     for token in generate_stream(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                 seed=seed, stop_ids=(tok.eos_id,)):  # fmt: skip
+                                 seed=seed, stop_ids=(tok.eos_id,), vocab_size=tok.vocab_size):  # fmt: skip
         if token == tok.eos_id:
             break
         text = decoder.feed(token)
