@@ -108,9 +108,7 @@ def sdpa_backends() -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES))
     parser.add_argument("--long", action="store_true", help="sub-quadratic kernels at T = 4096 … 32768, fp32")

@@ -294,9 +294,7 @@ def environment() -> dict[str, Any]:
         "cores": cores,
     }
     env["isa"] = _cpu_isa()
-    env["machine"] = (
-        f"{env['cpu']} ({env['isa']}), {cores} cores" if env["isa"] else f"{env['cpu']}, {cores} cores"
-    )
+    env["machine"] = f"{env['cpu']} ({env['isa']}), {cores} cores" if env["isa"] else f"{env['cpu']}, {cores} cores"
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
         env["machine"] += f", {env['gpu']}"
@@ -400,20 +398,14 @@ def record(
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def add_common_args(
-    parser: argparse.ArgumentParser, *, repeats: int = 20, warmup: int = 3
-) -> argparse.ArgumentParser:
+def add_common_args(parser: argparse.ArgumentParser, *, repeats: int = 20, warmup: int = 3) -> argparse.ArgumentParser:
     """The flags every benchmark script takes. Call `apply_common_args` on the parsed namespace."""
     g = parser.add_argument_group("measurement")
-    g.add_argument(
-        "--repeats", type=int, default=None, help=f"timed rounds (default {repeats}; 3 with --quick)"
-    )
+    g.add_argument("--repeats", type=int, default=None, help=f"timed rounds (default {repeats}; 3 with --quick)")
     g.add_argument(
         "--warmup", type=int, default=None, help=f"unrecorded rounds first (default {warmup}; 1 with --quick)"
     )
-    g.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"
-    )
+    g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     g.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
     g.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats: a smoke run")
     parser.set_defaults(_default_repeats=repeats, _default_warmup=warmup)

@@ -71,9 +71,7 @@ def command(
 
 def add_config_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
     """The arguments every stage command shares: `--config PATH` and trailing `key=value` overrides."""
-    parser.add_argument(
-        "--config", type=Path, metavar="PATH", required=required, help="YAML recipe (see configs/)"
-    )
+    parser.add_argument("--config", type=Path, metavar="PATH", required=required, help="YAML recipe (see configs/)")
     parser.add_argument(
         "overrides",
         nargs="*",
@@ -90,9 +88,7 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
 def build_parser() -> argparse.ArgumentParser:
     for module in COMMAND_MODULES:
         importlib.import_module(module)  # runs its @command decorators
-    parser = argparse.ArgumentParser(
-        prog="lmforge", description="From raw text to an aligned, served language model."
-    )
+    parser = argparse.ArgumentParser(prog="lmforge", description="From raw text to an aligned, served language model.")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
     for cmd in sorted(_COMMANDS.values(), key=lambda c: c.name):

@@ -82,9 +82,7 @@ def to_dict(obj: Any) -> dict[str, Any]:
     # None so that a later override of the source field re-derives them instead of keeping a stale value.
     derived = set(getattr(obj, "derived_fields", ()))
     return {
-        f.name: None if f.name in derived else _plain(getattr(obj, f.name))
-        for f in dataclasses.fields(obj)
-        if f.init
+        f.name: None if f.name in derived else _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init
     }
 
 
@@ -259,9 +257,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise _Mismatch(f"{key}: expected {_describe(tp)}, got {_show(value)}", key)
         if not args:
             return dict(value)
-        return {
-            _convert(k, args[0], f"{key}.{k}"): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()
-        }
+        return {_convert(k, args[0], f"{key}.{k}"): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
     scalar = _SCALARS.get(tp)
     if scalar is not None:
         return scalar(value, key)

@@ -33,9 +33,7 @@ def plot_metrics(run: RunDir | str | Path, out: str = "loss.png") -> Path | None
     ax.set_title(path.name)
     if val and val[-1][2] is not None:
         bpb = ax.twinx()
-        bpb.plot(
-            [v[0] for v in val], [v[2] for v in val], "s--", color="tab:green", label="val bits/byte", ms=3
-        )
+        bpb.plot([v[0] for v in val], [v[2] for v in val], "s--", color="tab:green", label="val bits/byte", ms=3)
         bpb.set_ylabel("val bits per byte")
         bpb.legend(loc="upper center")
     ax.legend(loc="upper right")

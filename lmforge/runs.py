@@ -211,9 +211,7 @@ class RunDir:
         call, so every logged line is on disk (in the OS cache) even if the process dies right after.
         """
         if "time" in values:
-            raise ValueError(
-                "'time' is added by log_metrics (wall-clock seconds); log yours under another name"
-            )
+            raise ValueError("'time' is added by log_metrics (wall-clock seconds); log yours under another name")
         record = {"step": int(step), "time": round(time.time(), 3), **values}
         line = json.dumps(record, default=_jsonable)
         with open(self.metrics_path, "a", encoding="utf-8") as f:

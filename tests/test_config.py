@@ -234,9 +234,7 @@ def test_errors_from_the_file_name_the_file(tmp_path):
     path = write(tmp_path, "optim:\n  lr: fast\n")
     assert error(load_config, Recipe, path) == f"{path}: optim.lr: expected a float, got 'fast'"
     # ...but a bad value given on the command line is not blamed on the file
-    assert error(load_config, Recipe, write(tmp_path, "", "ok.yaml"), ["optim.lr=fast"]).startswith(
-        "optim.lr"
-    )
+    assert error(load_config, Recipe, write(tmp_path, "", "ok.yaml"), ["optim.lr=fast"]).startswith("optim.lr")
 
 
 def test_missing_required_key():
@@ -267,9 +265,7 @@ def test_top_level_must_be_a_mapping(tmp_path):
 
 def test_validate_hook_nested_and_top(tmp_path):
     assert error(load_config, Recipe, None, ["model.d_model=33"]) == "model: d_model must be even, got 33"
-    assert error(load_config, Recipe, None, ["init_from.d_model=3"]).startswith(
-        "init_from: d_model must be even"
-    )
+    assert error(load_config, Recipe, None, ["init_from.d_model=3"]).startswith("init_from: d_model must be even")
     assert error(load_config, Recipe, None, ["steps=-1"]) == "steps must be >= 0, got -1"
     path = write(tmp_path, "model: {d_model: 33}\n")
     assert error(load_config, Recipe, path) == f"{path}: model: d_model must be even, got 33"

@@ -44,9 +44,7 @@ def test_interleaving_is_round_robin_with_unrecorded_warmup():
         warmup=2,
     )
     for name in "ABC":
-        bench.add(
-            name, lambda _, name=name: calls.append(name), setup=lambda name=name: calls.append("s" + name)
-        )
+        bench.add(name, lambda _, name=name: calls.append(name), setup=lambda name=name: calls.append("s" + name))
     result = bench.run(env=ENV)
     assert calls == ["sA", "A", "sB", "B", "sC", "C"] * 5
     assert [c.n for c in result.cases] == [3, 3, 3]

@@ -1,6 +1,6 @@
 """Plain autoregressive sampling with a contiguous KV cache: the simple path `lmforge sample` uses.
 
-    ids = generate(model, prompt_ids, max_new_tokens=100, temperature=0.8, top_k=50, seed=0)
+ids = generate(model, prompt_ids, max_new_tokens=100, temperature=0.8, top_k=50, seed=0)
 """
 
 from __future__ import annotations

@@ -112,9 +112,7 @@ def _rope_parameters(d: dict) -> dict:
     if any(isinstance(v, dict) for v in rope.values()):
         raise _refuse("per-layer-type rope_parameters")
     rope["rope_type"] = rope.get("rope_type") or rope.get("type") or "default"
-    rope.setdefault(
-        "rope_theta", d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta") or 1e4
-    )
+    rope.setdefault("rope_theta", d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta") or 1e4)
     return rope
 
 
@@ -125,9 +123,7 @@ def _llama_config(d: dict, common: dict, model_type: str) -> ModelConfig:
     if model_type == "mistral" and (attn_bias or mlp_bias):
         raise _refuse("Mistral with attention_bias/mlp_bias")
     if attn_bias != mlp_bias:
-        raise _refuse(
-            f"attention_bias={attn_bias} with mlp_bias={mlp_bias} (lmforge's bias is all or nothing)"
-        )
+        raise _refuse(f"attention_bias={attn_bias} with mlp_bias={mlp_bias} (lmforge's bias is all or nothing)")
     layer_types = d.get("layer_types")
     if layer_types and len(set(layer_types)) > 1:
         raise _refuse(f"mixed layer_types {sorted(set(layer_types))}")
@@ -317,9 +313,7 @@ def _hf_family(cfg: ModelConfig) -> str:
 
     def need(field: str, allowed: tuple, family: str) -> None:
         if getattr(cfg, field) not in allowed:
-            raise ValueError(
-                f"to_hf: {field}={getattr(cfg, field)!r} has no {family} equivalent (allowed: {allowed})"
-            )
+            raise ValueError(f"to_hf: {field}={getattr(cfg, field)!r} has no {family} equivalent (allowed: {allowed})")
 
     if cfg.norm_position != "pre":
         raise ValueError(f"to_hf: norm_position={cfg.norm_position!r}: GPT-2, Llama and Mistral are pre-norm")

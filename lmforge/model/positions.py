@@ -85,9 +85,7 @@ class RotaryEmbedding(nn.Module):
         # base' = base · (f·S/L − (f−1))^(d/(d−2)). Computed with tensor ops so torch.compile sees no branch.
         dim, trained = cfg.head_dim, cfg.rope_original_max_len or cfg.max_seq_len
         seq_len = (positions.max() + 1).clamp(min=trained).float()
-        base = cfg.rope_theta * (cfg.rope_factor * seq_len / trained - (cfg.rope_factor - 1)) ** (
-            dim / (dim - 2)
-        )
+        base = cfg.rope_theta * (cfg.rope_factor * seq_len / trained - (cfg.rope_factor - 1)) ** (dim / (dim - 2))
         exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim
         return 1.0 / base**exponents
 

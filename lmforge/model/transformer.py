@@ -117,9 +117,7 @@ class Transformer(nn.Module):
             start = cache_length(cache)
             positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
         if cfg.position == "learned" and (plain and T > cfg.max_seq_len):
-            raise ValueError(
-                f"{T} tokens exceed max_seq_len={cfg.max_seq_len} of learned positions: shorten the input"
-            )
+            raise ValueError(f"{T} tokens exceed max_seq_len={cfg.max_seq_len} of learned positions: shorten the input")
         k_pos, k_valid = positions, attn_mask
         if cache is not None:
             k_pos, k_valid = cache.begin(positions, attn_mask)

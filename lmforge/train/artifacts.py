@@ -1,8 +1,8 @@
 """What a finished run is used for: load its model, sample from it, evaluate it, export it to HF.
 
-    lmforge sample runs/demo --prompt "def fibonacci(n):" --max-new-tokens 120
-    lmforge eval runs/demo                       # val loss and bits per byte on the run's data
-    lmforge export --to hf runs/demo --out exports/demo
+lmforge sample runs/demo --prompt "def fibonacci(n):" --max-new-tokens 120
+lmforge eval runs/demo                       # val loss and bits per byte on the run's data
+lmforge export --to hf runs/demo --out exports/demo
 """
 
 from __future__ import annotations

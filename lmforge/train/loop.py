@@ -44,9 +44,7 @@ LossFn = Callable[[nn.Module, Batch], "torch.Tensor | tuple[torch.Tensor, dict[s
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 16  # sequences per optimizer step, all ranks and micro-batches together
-    micro_batch_size: int | None = (
-        None  # per rank per forward; None: batch_size / world size (no accumulation)
-    )
+    micro_batch_size: int | None = None  # per rank per forward; None: batch_size / world size (no accumulation)
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 100

@@ -45,9 +45,7 @@ def next_token_loss(model, batch) -> torch.Tensor:
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
 
 
-def evaluate_lm(
-    model, data, *, seq_len: int, batch_size: int, max_batches: int | None, env
-) -> dict[str, float]:
+def evaluate_lm(model, data, *, seq_len: int, batch_size: int, max_batches: int | None, env) -> dict[str, float]:
     """Mean next-token loss over consecutive val windows, and bits per byte: loss / ln 2 × tokens / bytes."""
     from lmforge.data.loader import eval_batches
 
@@ -58,9 +56,7 @@ def evaluate_lm(
         rank=env.rank, world_size=env.world_size,
     ):  # fmt: skip
         logits = model(x.to(device))
-        loss = F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), y.to(device).view(-1), reduction="sum"
-        )
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.to(device).view(-1), reduction="sum")
         total, count = total + loss.item(), count + y.numel()
     from .distributed import mean
 
@@ -89,9 +85,7 @@ def run(cfg: PretrainConfig) -> RunDir:
         if env.rank == 0
         else RunDir(Path(cfg.runs_dir) / (cfg.name or "unnamed"))
     )
-    (run_dir.path / "tokenizer.json").write_bytes(
-        Path(data.tokenizer_path).read_bytes()
-    ) if env.rank == 0 else None
+    (run_dir.path / "tokenizer.json").write_bytes(Path(data.tokenizer_path).read_bytes()) if env.rank == 0 else None
 
     def batch_fn(step: int, micro: int, n_micro: int):
         x, y = sample_batch(
@@ -107,9 +101,7 @@ def run(cfg: PretrainConfig) -> RunDir:
 
     if env.rank == 0:
         print(cfg.model.summary())
-        print(
-            f"data: {len(data.train):,} train / {len(data.val):,} val tokens; run: {run_dir.path}"
-        )
+        print(f"data: {len(data.train):,} train / {len(data.val):,} val tokens; run: {run_dir.path}")
     trainer = Trainer(
         model, tcfg, run_dir, batch_fn=batch_fn, loss_fn=next_token_loss, eval_fn=eval_fn,
         flops_per_token=cfg.model.flops_per_token(seq_len), resume=cfg.resume,

@@ -69,9 +69,7 @@ def test_block_sparse_pattern_is_local_plus_summary_and_about_three_root_t_keys(
 
 def test_sdpa_matches_naive_causal_masked_and_biased():
     q, k, v = qkv(40)
-    torch.testing.assert_close(
-        _sdpa(q, k, v, None, None, 0.0, True), naive_attention(q, k, v), atol=1e-5, rtol=0
-    )
+    torch.testing.assert_close(_sdpa(q, k, v, None, None, 0.0, True), naive_attention(q, k, v), atol=1e-5, rtol=0)
     mask = torch.rand(2, 1, 40, 40) > 0.3
     mask[..., 0] = True
     bias = torch.randn(2, 4, 40, 40)

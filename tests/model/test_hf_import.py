@@ -205,9 +205,7 @@ def test_load_hf_tokenizer_missing(tmp_path):
 
 
 def test_save_hf_with_tokenizer(tmp_path):
-    folder = save_hf(
-        from_hf(make_gpt2()), tmp_path / "out", tokenizer=tiny_tokenizer(), chat_template=TEMPLATE
-    )
+    folder = save_hf(from_hf(make_gpt2()), tmp_path / "out", tokenizer=tiny_tokenizer(), chat_template=TEMPLATE)
     tok, template = load_hf_tokenizer(folder)
     assert tok.decode(tok.encode(TEXT).ids) == TEXT and template == TEMPLATE
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder)

@@ -72,9 +72,7 @@ def tokens(t: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
 
 def make_gpt2(**kw):
     torch.manual_seed(0)
-    cfg = dict(
-        vocab_size=VOCAB, n_embd=D, n_layer=LAYERS, n_head=HEADS, n_positions=64, initializer_range=0.2
-    )
+    cfg = dict(vocab_size=VOCAB, n_embd=D, n_layer=LAYERS, n_head=HEADS, n_positions=64, initializer_range=0.2)
     cfg |= dict(bos_token_id=None, eos_token_id=None, attn_implementation="sdpa") | kw
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg)).eval()
     randomize_(hf)
@@ -84,11 +82,7 @@ def make_gpt2(**kw):
 def _llama_kwargs(**kw) -> dict:
     cfg = dict(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS)
     cfg |= dict(num_key_value_heads=KV_HEADS, intermediate_size=96, max_position_embeddings=64)
-    return (
-        cfg
-        | dict(initializer_range=0.2, bos_token_id=None, eos_token_id=None, attn_implementation="sdpa")
-        | kw
-    )
+    return cfg | dict(initializer_range=0.2, bos_token_id=None, eos_token_id=None, attn_implementation="sdpa") | kw
 
 
 def make_llama(**kw):
@@ -106,9 +100,7 @@ def make_mistral(**kw):
 
 
 # ---- parity ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "act, ffn", [("gelu_new", "gelu_tanh"), ("gelu_pytorch_tanh", "gelu_tanh"), ("gelu", "gelu")]
-)
+@pytest.mark.parametrize("act, ffn", [("gelu_new", "gelu_tanh"), ("gelu_pytorch_tanh", "gelu_tanh"), ("gelu", "gelu")])
 def test_gpt2_parity(act, ffn):
     hf = make_gpt2(activation_function=act)
     ours = from_hf(hf)
@@ -191,9 +183,7 @@ def test_mistral_parity(hf_attention, ours_attention):
     assert ours.cfg.window == 8
     idx = tokens(24)
     assert_parity(ours, hf, idx)
-    assert parity_error(with_cfg(ours, window=None, attention="sdpa"), hf, idx) > TOL, (
-        "the window did not act"
-    )
+    assert parity_error(with_cfg(ours, window=None, attention="sdpa"), hf, idx) > TOL, "the window did not act"
 
 
 @pytest.mark.parametrize(

@@ -80,9 +80,7 @@ def test_rope_scores_depend_only_on_position_difference(m, n, shift):
     def score(a, b):
         ca, sa = rope(torch.tensor([[a]]))
         cb, sb = rope(torch.tensor([[b]]))
-        return (
-            (apply_rope(q, ca.double(), sa.double()) * apply_rope(k, cb.double(), sb.double())).sum().item()
-        )
+        return (apply_rope(q, ca.double(), sa.double()) * apply_rope(k, cb.double(), sb.double())).sum().item()
 
     # cos/sin come from fp32 angles, off by ~position·2^-24 rad: allow that much rotation error.
     tol = 4 * max(m, n, m + shift, n + shift, 1) * 2**-24 * (q.norm() * k.norm()).item()

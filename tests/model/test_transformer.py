@@ -52,9 +52,7 @@ def test_cached_decoding_equals_full_recompute(attention, position):
     with torch.no_grad():
         full = model(idx)
         cache = ContiguousKVCache(cfg, batch_size=2, max_len=40)
-        steps = [model(idx[:, :11], cache=cache)] + [
-            model(idx[:, t : t + 1], cache=cache) for t in range(11, 20)
-        ]
+        steps = [model(idx[:, :11], cache=cache)] + [model(idx[:, t : t + 1], cache=cache) for t in range(11, 20)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
 
 
@@ -104,9 +102,7 @@ def test_parameter_count_matches_the_module(kw):
     model = Transformer(cfg)
     counts = cfg.param_counts()
     assert counts["total"] == sum(p.numel() for p in model.parameters())  # tied head counted once
-    emb = model.tok_emb.weight.numel() + (
-        model.add_positions.weight.numel() if cfg.position == "learned" else 0
-    )
+    emb = model.tok_emb.weight.numel() + (model.add_positions.weight.numel() if cfg.position == "learned" else 0)
     assert counts["non_embedding"] == counts["total"] - emb
 
 
@@ -134,9 +130,7 @@ def test_cache_shapes_and_bytes_follow_n_kv_head(n_kv_head):
     model = Transformer(cfg).eval()
     with torch.no_grad():
         model(torch.randint(0, 61, (3, 5)), cache=cache)
-    assert (
-        cache.length == 5 and cache.k[:, :, :, 5:].abs().sum() == 0 and cache.k[:, :, :, :5].abs().sum() > 0
-    )
+    assert cache.length == 5 and cache.k[:, :, :, 5:].abs().sum() == 0 and cache.k[:, :, :, :5].abs().sum() > 0
 
 
 def test_cache_overflow_is_a_clear_error():

@@ -71,9 +71,7 @@ def test_resume_continues_exactly(tmp_path):
     first.loss_fn = loss_then_sigterm
     first.fit()
     assert latest_checkpoint(split.checkpoints).name == "step_000003"
-    resumed = make(
-        split, config(steps=6), seed=123, resume=True, dropout=0.1
-    )  # other init: must be overwritten
+    resumed = make(split, config(steps=6), seed=123, resume=True, dropout=0.1)  # other init: must be overwritten
     assert resumed.step == 3
     resumed.fit()
     a = [r["loss"] for r in read_metrics(straight.path)]

@@ -11,9 +11,7 @@ VOCAB, SEQ = 37, 16
 
 def tiny_model(seed=0, **kw) -> Transformer:
     torch.manual_seed(seed)
-    cfg = dict(
-        vocab_size=VOCAB, max_seq_len=SEQ, n_layer=2, d_model=32, n_head=4, position="rope", ffn="swiglu"
-    )
+    cfg = dict(vocab_size=VOCAB, max_seq_len=SEQ, n_layer=2, d_model=32, n_head=4, position="rope", ffn="swiglu")
     cfg.update(kw)
     return Transformer(ModelConfig(**cfg))
 
