@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from lmforge.train.mfu import cpu_isa, cpu_model
+
 from .formatting import fmt_bytes, fmt_count, fmt_seconds
 from .memory import MemoryResult, peak_live_memory, peak_rss_growth
 
@@ -259,41 +261,15 @@ class Bench:
 # ---------------------------------------------------------------------------------------------- environment
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def _cpu_isa() -> str:
-    """The widest vector ISA the CPU reports: the same "AMD EPYC" name covers AVX2-only and AVX-512/bf16
-    parts, and bf16 matmul speed differs by orders of magnitude between them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return ""
-    for flag, name in (("amx_bf16", "AMX-bf16"), ("avx512_bf16", "AVX-512 bf16"), ("avx512f", "AVX-512"),
-                       ("avx2", "AVX2")):  # fmt: skip
-        if flag in flags:
-            return name
-    return ""
-
-
 def environment() -> dict[str, Any]:
     """Where and with what a figure was measured: date, machine, versions, threads."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     env: dict[str, Any] = {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": cores,
     }
-    env["isa"] = _cpu_isa()
+    env["isa"] = cpu_isa()
     env["machine"] = f"{env['cpu']} ({env['isa']}), {cores} cores" if env["isa"] else f"{env['cpu']}, {cores} cores"
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
