@@ -44,7 +44,7 @@ def run_demo(data: str = "data/python-stdlib", config: str = "configs/pretrain/t
     start = time.time()
     if not (Path(data) / "meta.json").exists():
         print(f"== 1/4 prepare the Python standard library corpus into {data}")
-        prepare(load_config(PrepareConfig, None, [f"out={data}", "vocab_size=2048"]))
+        prepare(load_config(PrepareConfig, None, [f"out={data}", "vocab_size=4096"]))
     else:
         print(f"== 1/4 corpus already prepared in {data}")
     cfg = load_config(PretrainConfig, config, [f"data={data}", "name=demo", *overrides])
