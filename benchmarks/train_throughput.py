@@ -51,6 +51,7 @@ from benchmarks.harness import (
     record,
 )
 from lmforge.model import ModelConfig, Transformer
+from lmforge.train.loop import TrainConfig, make_optimizer
 from lmforge.train.mfu import cpu_bf16_ratio, matmul_peak, mfu
 
 VOCAB, T, LR = 65, 256, 3e-4
@@ -101,22 +102,13 @@ def logits_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda idx: model(idx).logits
 
 
-def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW, weight decay on ≥2-D weights only (as lmforge.train does); torch's default implementation."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95))
-
-
 class Trainer:
     """One full training step of `model` on a fixed batch, optionally under bf16 autocast."""
 
     def __init__(self, model: nn.Module, batch: torch.Tensor, dtype: torch.dtype) -> None:
         self.model, self.forward = model, logits_fn(model)
-        self.opt = make_optimizer(model)
+        # the training loop's own AdamW: decay on matrices only, the same betas, lr LR
+        self.opt = make_optimizer(model, TrainConfig(lr=LR, weight_decay=0.1, beta1=0.9, beta2=0.95))
         self.x, self.y = batch[:, :-1], batch[:, 1:]
         self.dtype = dtype
 

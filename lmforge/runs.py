@@ -39,7 +39,7 @@ from typing import IO, Any, TypeVar
 
 from lmforge.config import ConfigError, load_config, save_config
 
-__all__ = ["RunDir", "atomic_open", "atomic_write_bytes", "atomic_write_text", "read_metrics"]
+__all__ = ["RunDir", "atomic_open", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "read_metrics"]
 
 T = TypeVar("T")
 CONFIG_FILE = "config.yaml"
@@ -74,7 +74,7 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str = "utf-8") -> I
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -91,7 +91,7 @@ def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> P
     return Path(path)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     # The rename itself is only durable once the folder entry is flushed (POSIX); Windows cannot open
     # folders this way, where the call is a harmless no-op.
     try:

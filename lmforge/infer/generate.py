@@ -29,10 +29,9 @@ def generate_stream(
     cfg = model.cfg
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
-    limit = cfg.max_seq_len if cfg.position == "learned" else len(prompt) + max_new_tokens
-    if len(prompt) + max_new_tokens > limit:
+    if cfg.position == "learned" and len(prompt) + max_new_tokens > cfg.max_seq_len:  # no positions past the table
         raise ValueError(
-            f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceed the model's {limit} positions"
+            f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceed the model's {cfg.max_seq_len} positions"
         )
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None

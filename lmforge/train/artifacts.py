@@ -12,20 +12,19 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import ConfigError, from_dict
-from lmforge.model import ModelConfig, Transformer
+from lmforge.config import ConfigError
+from lmforge.model import Transformer
 from lmforge.runs import RunDir
 
 from .checkpoint import latest_checkpoint, load_weights
+from .pretrain import PretrainConfig, evaluate_lm
 
 
-def load_run_model(run: str | Path, step: int | None = None) -> tuple[Transformer, Path, dict]:
+def load_run_model(run: str | Path, step: int | None = None) -> tuple[Transformer, Path, PretrainConfig]:
     """The model of a run folder at its latest checkpoint (or `step`), its tokenizer.json and its config."""
-    import yaml
-
     run_dir = RunDir.open(run)
-    config = yaml.safe_load(run_dir.config_path.read_text())
-    model = Transformer(from_dict(ModelConfig, config["model"]))
+    config = run_dir.load_config(PretrainConfig)
+    model = Transformer(config.model)
     ckpt = run_dir.checkpoints / f"step_{step:06d}" if step is not None else latest_checkpoint(run_dir.checkpoints)
     if ckpt is None or not ckpt.is_dir():
         raise FileNotFoundError(f"no checkpoint in {run_dir.checkpoints}: train first, or pick another --step")
@@ -67,13 +66,9 @@ def evaluate(run: str | Path, data: str | None = None, batches: int = 0, batch_s
     from lmforge.data.loader import TokenData
 
     from .distributed import environment
-    from .pretrain import evaluate_lm
 
     model, _, config = load_run_model(run)
-    data_dir = data or config.get("data")
-    if not data_dir:
-        raise ConfigError("the run names no data folder: pass --data DIR")
-    token_data = TokenData(data_dir)
+    token_data = TokenData(data or config.data)
     with torch.no_grad():
         return evaluate_lm(model, token_data, seq_len=model.cfg.max_seq_len, batch_size=batch_size,
                            max_batches=batches or None, env=environment())  # fmt: skip

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from lmforge.runs import fsync_dir
+
 STEP_DIR = re.compile(r"^step_(\d+)$")
 WEIGHTS, STATE, INFO, SHARDED = "model.safetensors", "trainer.pt", "info.json", "dcp"
 
@@ -88,11 +90,11 @@ def save_checkpoint(
         save_model(_unwrap(model), str(tmp / WEIGHTS))  # handles the tied embedding/head pair
         torch.save(state, tmp / STATE)
     (tmp / INFO).write_text(json.dumps({"step": step, "sharded": sharded, **(info or {})}, indent=1))
-    _fsync_dir(tmp)
+    _fsync_files(tmp)
     if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -136,8 +138,7 @@ def _save_sharded(folder: Path, model, state: dict[str, Any]) -> None:
 
 def _load_sharded(path: Path, model) -> dict[str, Any]:
     """Returns the trainer state with `sharded_path`, the DCP folder of model and optimizer, to be applied by
-    `apply_sharded_optimizer` once the optimizer exists (DCP reshards to the current number of ranks)."""
-
+    `apply_sharded` once the optimizer exists (DCP reshards to the current number of ranks)."""
     state = torch.load(path / STATE, weights_only=True)
     state["sharded_path"] = str(path / SHARDED)
     if not _distributed():
@@ -165,16 +166,10 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)  # DDP
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        for f in path.iterdir() if path.is_dir() else []:
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _fsync_files(folder: Path) -> None:
+    """Flush every file of a checkpoint folder, then the folder entry, before it is renamed into place."""
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(folder)

@@ -141,6 +141,7 @@ class Trainer:
         self.n_micro = cfg.batch_size // (micro * world)
         self.batch_fn, self.loss_fn, self.eval_fn, self.tokens_fn = batch_fn, loss_fn, eval_fn, tokens_fn
         self.flops_per_token = flops_per_token
+        self._peak: float | None = None  # matmul peak for MFU, looked up at the first step
 
         torch.manual_seed(cfg.seed + self.env.rank)
         if cfg.activation_checkpointing:
@@ -169,9 +170,10 @@ class Trainer:
             apply_sharded(state["sharded_path"], self.model, self.optimizer)
         else:
             self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         if state.get("world_size") == self.env.world_size:  # RNG streams are per rank
-            set_rng_state(state["rng"][self.env.rank] if isinstance(state["rng"], list) else state["rng"])
+            set_rng_state(state["rng"][self.env.rank])
         self.step = int(state["step"])
         self._log(f"resumed from {path} at step {self.step}")
 
@@ -237,7 +239,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        total_loss, tokens, extra = 0.0, 0, {}
+        total_loss, tokens, extra = torch.zeros((), device=self.device), 0, {}
         for micro in range(self.n_micro):
             batch = self.batch_fn(self.step, micro, self.n_micro)
             tokens += self.tokens_fn(batch)
@@ -247,7 +249,8 @@ class Trainer:
                 loss, extra = out if isinstance(out, tuple) else (out, {})
                 loss = loss / self.n_micro  # the mean over the whole batch, as one big batch would give
             self.scaler.scale(loss).backward()
-            total_loss += loss.detach().float().item()
+            total_loss += loss.detach().float()
+        total_loss = total_loss.item()  # one host sync per step, not one per micro-batch
         finite = dist_utils.all_true(math.isfinite(total_loss), self.env)
         grad_norm = float("nan")
         if finite:
@@ -289,9 +292,11 @@ class Trainer:
         global_tokens = tokens * self.env.world_size
         out = {"tokens_per_s": global_tokens / dt, "step_time": dt}
         if self.flops_per_token:
-            from .mfu import device_peak
+            if self._peak is None:
+                from .mfu import device_peak
 
-            peak, _ = device_peak(self.device, self.precision)
+                self._peak, _ = device_peak(self.device, self.precision)
+            peak = self._peak
             out["mfu"] = self.flops_per_token * global_tokens / dt / (peak * self.env.world_size)
         return out
 

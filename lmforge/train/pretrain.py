@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.model import ModelConfig, Transformer
-from lmforge.runs import RunDir
+from lmforge.runs import RunDir, atomic_write_bytes
 
 from .loop import TrainConfig, Trainer
 
@@ -85,7 +85,8 @@ def run(cfg: PretrainConfig) -> RunDir:
         if env.rank == 0
         else RunDir(Path(cfg.runs_dir) / (cfg.name or "unnamed"))
     )
-    (run_dir.path / "tokenizer.json").write_bytes(Path(data.tokenizer_path).read_bytes()) if env.rank == 0 else None
+    if env.rank == 0:  # the run carries its tokenizer, so sample/eval/export need only the run folder
+        atomic_write_bytes(run_dir.path / "tokenizer.json", Path(data.tokenizer_path).read_bytes())
 
     def batch_fn(step: int, micro: int, n_micro: int):
         x, y = sample_batch(
