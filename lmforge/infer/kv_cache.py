@@ -60,3 +60,12 @@ class ContiguousKVCache:
 
     def reset(self) -> None:
         self.length, self._start, self.states = 0, 0, [None] * self.cfg.n_layer
+
+    def truncate(self, length: int) -> None:
+        """Forget every token after the first `length` (speculative decoding rolls rejected drafts back).
+        Recurrent linear-attention state cannot be rolled back."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        if self.cfg.attention == "linear" and length != self.length:
+            raise ValueError("linear attention keeps a running state that cannot be truncated")
+        self.length = self._start = length
