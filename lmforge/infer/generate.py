@@ -1,6 +1,12 @@
-"""Plain autoregressive sampling with a contiguous KV cache: the simple path `lmforge sample` uses.
+"""Batch-1 autoregressive generation over one KV cache: the fastest single-request path (a static,
+preallocated cache; no scheduler), used by `lmforge sample` and `lmforge generate`.
 
-ids = generate(model, prompt_ids, max_new_tokens=100, temperature=0.8, top_k=50, seed=0)
+    ids = generate(model, prompt_ids, SamplingParams(max_new_tokens=100, temperature=0.8, top_p=0.95, seed=0))
+    for token in generate_stream(model, prompt_ids, params, cache=SlidingKVCache(model.cfg, 1, window=256)):
+        ...
+
+Keyword arguments (`max_new_tokens=`, `temperature=`, `top_k=`, `seed=`, `stop_ids=`) are accepted in place
+of a SamplingParams for short calls. Many concurrent requests belong in `lmforge.infer.engine.Engine`.
 """
 
 from __future__ import annotations
@@ -10,52 +16,51 @@ from collections.abc import Iterator
 import torch
 
 from .kv_cache import ContiguousKVCache
+from .sampling import SamplingParams, draw, processed_probs
 
 
 @torch.no_grad()
 def generate_stream(
     model,
     prompt: list[int],
+    params: SamplingParams | None = None,
     *,
-    max_new_tokens: int = 100,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    seed: int | None = None,
-    stop_ids: tuple[int, ...] = (),
+    cache=None,
     vocab_size: int | None = None,
+    **kwargs,
 ) -> Iterator[int]:
-    """Yield new token ids one at a time. temperature 0 is greedy. `vocab_size` keeps sampling inside the
-    tokenizer's vocabulary when the model's embedding is padded past it."""
+    """Yield new token ids one at a time (a stop token is yielded, then generation ends). `cache` defaults to
+    a ContiguousKVCache sized for the request. `vocab_size` keeps sampling inside the tokenizer's vocabulary
+    when the model's embedding is padded past it."""
+    params = params or SamplingParams(**kwargs)
     cfg = model.cfg
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
-    if cfg.position == "learned" and len(prompt) + max_new_tokens > cfg.max_seq_len:  # no positions past the table
-        raise ValueError(
-            f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceed the model's {cfg.max_seq_len} positions"
-        )
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    cache = ContiguousKVCache(cfg, 1, len(prompt) + max_new_tokens, dtype=next(model.parameters()).dtype,
-                              device=device)  # fmt: skip
+    total = len(prompt) + params.max_new_tokens
+    if cfg.position == "learned" and total > cfg.max_seq_len:  # no positions past the table
+        raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({params.max_new_tokens}) exceed the model's "
+                         f"{cfg.max_seq_len} positions: shorten the prompt or lower max_new_tokens")  # fmt: skip
+    weight = next(model.parameters())
+    device = weight.device
+    if cache is None:
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        cache = ContiguousKVCache(cfg, 1, total, dtype=dtype, device=device)
     model.eval()
-    logits = model(torch.tensor([prompt], device=device), cache=cache)[0, -1]
-    for _ in range(max_new_tokens):
-        token = sample_token(logits[:vocab_size].float(), temperature, top_k, generator)
+    history = list(prompt) if params.repetition_penalty != 1.0 else None
+    stops = () if params.ignore_eos else params.stop_ids
+    hidden = model.hidden_states(torch.tensor([prompt], device=device), cache=cache)
+    logits = model.lm_head(hidden[0, -1:])  # the head over the last prompt token only
+    for index in range(params.max_new_tokens):
+        probs = processed_probs(logits[:, :vocab_size], [params], [history] if history is not None else None)
+        token = draw(probs[0], params, index)
         yield token
-        if token in stop_ids:
+        if token in stops:
             return
-        logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1]
+        if history is not None:
+            history.append(token)
+        if index + 1 < params.max_new_tokens:
+            logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1:]
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None) -> int:
-    if temperature <= 0:
-        return int(logits.argmax())
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
-
-
-def generate(model, prompt: list[int], **kwargs) -> list[int]:
-    return list(generate_stream(model, prompt, **kwargs))
+def generate(model, prompt: list[int], params: SamplingParams | None = None, **kwargs) -> list[int]:
+    return list(generate_stream(model, prompt, params, **kwargs))

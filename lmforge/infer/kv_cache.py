@@ -1,8 +1,13 @@
-"""KV caches implementing `lmforge.model.cache.Cache`. First: the contiguous, preallocated one.
+"""KV caches implementing `lmforge.model.cache.Cache`: the contiguous, preallocated one, and the storage every
+cache here shares — K and V in the model's dtype, in bf16, or in int8 with one scale per token and head.
 
-cache = ContiguousKVCache(model.cfg, batch_size=1, max_len=512)
+cache = ContiguousKVCache(model.cfg, batch_size=1, max_len=512)                   # K/V in the model's dtype
+cache = ContiguousKVCache(model.cfg, batch_size=1, max_len=512, kv_dtype="int8")  # ≈ 1/4 of fp32's bytes
 logits = model(prompt, cache=cache)                  # prefill
 logits = model(next_token, cache=cache)              # one step
+
+The others: `sliding.SlidingKVCache` (a window plus attention sinks), `merging.TokenMergingCache` (a fixed
+budget of merged entries), `paged` (blocks shared by many sequences).
 """
 
 from __future__ import annotations
@@ -11,22 +16,127 @@ import torch
 
 from lmforge.model import ModelConfig
 
+KV_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "int8": torch.int8,
+}
+
+
+def storage_dtype(kv_dtype: str | torch.dtype | None, dtype: torch.dtype) -> torch.dtype:
+    """The dtype K/V are stored in: `kv_dtype` by name ("fp32", "bf16", "fp16", "int8") or torch dtype, None =
+    the model's `dtype`."""
+    if kv_dtype is None:
+        return dtype
+    resolved = KV_DTYPES.get(kv_dtype) if isinstance(kv_dtype, str) else kv_dtype
+    if resolved not in KV_DTYPES.values():
+        raise ValueError(f"kv_dtype must be one of {sorted(KV_DTYPES)} (or None: the model's dtype), got {kv_dtype!r}")
+    return resolved
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 over the last axis (head_dim): one scale per token and head, scale = amax / 127, so
+    x ≈ q · scale with |x − q · scale| ≤ scale / 2. Returns (q int8 like x, scale [..., 1] in x's dtype).
+
+    Per token and head rather than per tensor because K has outlier channels and tokens whose norms differ by
+    orders of magnitude; one fp scale per head_dim values costs 4/head_dim bytes per value in fp32."""
+    amax = x.detach().abs().amax(-1, keepdim=True).float()
+    scale = (amax / 127).to(x.dtype)
+    # An all-zero vector (or one whose scale underflows in x's dtype) quantizes to 0 with any scale: use 1.
+    scale = scale.masked_fill(scale == 0, 1)
+    # Quantize with the scale as stored, so the bound holds for what dequantize_kv reads back.
+    q = (x.float() / scale.float()).round().clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """q · scale in `dtype` (|q| ≤ 127 is exact in every float dtype, so this rounds once)."""
+    return q.to(dtype) * scale.to(dtype)
+
+
+class KVStore:
+    """K and V of every layer as [n_layer, B, n_kv_head, slots, head_dim] in the storage dtype (plus int8's
+    scales, [..., slots, 1] in the model's dtype), read back in the model's `dtype`. The caches decide which
+    slot holds which token; this only writes and reads slots along the token axis."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, slots: int, dtype=torch.float32, device="cpu",
+                 kv_dtype: str | torch.dtype | None = None):  # fmt: skip
+        self.dtype, self.kv_dtype = dtype, storage_dtype(kv_dtype, dtype)
+        self.quantized = self.kv_dtype == torch.int8
+        slots = slots if cfg.attention != "linear" else 0  # linear attention keeps a fixed-size state instead
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, slots, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=self.kv_dtype, device=device)
+        self.v = torch.zeros(shape, dtype=self.kv_dtype, device=device)
+        self.k_scale = self.v_scale = None
+        if self.quantized:
+            self.k_scale = torch.zeros(shape[:-1] + (1,), dtype=dtype, device=device)
+            self.v_scale = torch.zeros(shape[:-1] + (1,), dtype=dtype, device=device)
+
+    def write(self, layer: int, index, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [B, n_kv_head, n, head_dim] at `index` (a slice or a LongTensor of n distinct slots)."""
+        if self.quantized:
+            (k, k_scale), (v, v_scale) = quantize_kv(k), quantize_kv(v)
+            self.k_scale[layer][:, :, index] = k_scale
+            self.v_scale[layer][:, :, index] = v_scale
+        self.k[layer][:, :, index] = k
+        self.v[layer][:, :, index] = v
+
+    def read(self, layer: int, index) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V at `index` in the model's dtype (views of the buffer when no conversion is needed)."""
+        k, v = self.k[layer][:, :, index], self.v[layer][:, :, index]
+        if self.quantized:
+            k = dequantize_kv(k, self.k_scale[layer][:, :, index], self.dtype)
+            v = dequantize_kv(v, self.v_scale[layer][:, :, index], self.dtype)
+        return k.to(self.dtype), v.to(self.dtype)
+
+    def as_stored(self, x: torch.Tensor) -> torch.Tensor:
+        """x as it would read back after `write`: what a cache returns for tokens it has not written (yet), so
+        attention sees the same values whichever way the tokens were chunked."""
+        if self.quantized:
+            return dequantize_kv(*quantize_kv(x), self.dtype)
+        return x.to(self.kv_dtype).to(self.dtype)
+
+    def bytes_per_slot(self) -> int:
+        """Bytes of one token of one sequence over every layer, K and V, scales included."""
+        tensors = [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
+        return sum(t[:, 0, :, 0].numel() * t.element_size() for t in tensors)
+
+    def nbytes(self) -> int:
+        tensors = [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
 
 class ContiguousKVCache:
     """One preallocated [n_layer, B, n_kv_head, max_len, head_dim] buffer each for K and V: no allocation
-    while decoding, memory = max_len × `cfg.kv_bytes_per_token(dtype)` × B."""
+    while decoding, memory = max_len × `cfg.kv_bytes_per_token(dtype)` × B. `dtype` is the model's (what
+    `update` returns); `kv_dtype` what is stored: None = the same, "bf16", or "int8" (+ per-token scales:
+    (1 + 4/head_dim)/4 of fp32's bytes, and `update` returns the dequantized keys and values)."""
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu",
+                 kv_dtype: str | torch.dtype | None = None):  # fmt: skip
         self.cfg, self.batch_size, self.max_len = cfg, batch_size, max_len
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        stores_kv = cfg.attention != "linear"  # linear attention keeps a fixed-size state instead
-        self.k = torch.zeros(shape if stores_kv else (0,), dtype=dtype, device=device)
-        self.v = torch.zeros(shape if stores_kv else (0,), dtype=dtype, device=device)
+        self.store = KVStore(cfg, batch_size, max_len, dtype, device, kv_dtype)
         self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.states: list = [None] * cfg.n_layer
         self.length = 0
         self._start = 0
+
+    @property
+    def k(self) -> torch.Tensor:  # the stored keys, [n_layer, B, n_kv_head, max_len, head_dim] in kv_dtype
+        return self.store.k
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.store.v
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.max_len
 
     def begin(self, positions: torch.Tensor, valid: torch.Tensor | None):
         B, T = positions.shape
@@ -45,9 +155,8 @@ class ContiguousKVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         end = self._start + k.shape[2]
-        self.k[layer, :, :, self._start : end] = k
-        self.v[layer, :, :, self._start : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.store.write(layer, slice(self._start, end), k, v)
+        return self.store.read(layer, slice(0, end))
 
     def get_state(self, layer: int):
         return self.states[layer]
@@ -56,7 +165,8 @@ class ContiguousKVCache:
         self.states[layer] = state
 
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        """K and V (and int8's scales) of every layer: the part that grows with max_len."""
+        return self.store.nbytes()
 
     def reset(self) -> None:
         self.length, self._start, self.states = 0, 0, [None] * self.cfg.n_layer

@@ -238,17 +238,23 @@ class Attention(nn.Module):
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, T, -1)))
 
     def _softmax_attention(self, q, k, v, ctx: AttentionContext):
+        bias = ctx.bias
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer, k, v)
+            # A cache may weight its keys, e.g. log(count) of merged entries (lmforge.infer.merging).
+            logit_bias = getattr(ctx.cache, "logit_bias", None)
+            extra = logit_bias(self.layer) if logit_bias is not None else None
+            if extra is not None:
+                bias = extra if bias is None else bias + extra
         cfg, p = self.cfg, self.cfg.dropout if self.training else 0.0
         if cfg.attention == "naive":
-            return naive_attention(q, k, v, ctx.mask, ctx.bias, p)
-        if ctx.plain_causal and ctx.bias is None:
+            return naive_attention(q, k, v, ctx.mask, bias, p)
+        if ctx.plain_causal and bias is None:
             if cfg.attention == "sliding_window":
                 return sliding_window_attention(q, k, v, cfg.window, p)
             if cfg.attention == "block_sparse":
                 return block_sparse_attention(q, k, v, cfg.block_sparse_size, p)
-        return _sdpa(q, k, v, ctx.mask, ctx.bias, p, is_causal=ctx.mask is None)
+        return _sdpa(q, k, v, ctx.mask, bias, p, is_causal=ctx.mask is None)
 
     def _linear_attention(self, q, k, v, ctx: AttentionContext):
         q, k = feature_map(q), feature_map(k)

@@ -1,8 +1,8 @@
 """The cache protocol: what `Transformer.forward(..., cache=...)` asks of a KV cache.
 
 The model never decides how keys and values are stored: an object implementing `Cache` is passed in
-(`lmforge.infer` ships the implementations: contiguous, paged, int8, sliding). Per forward the model
-calls `begin` once with the new tokens' positions, then `update` once per layer.
+(`lmforge.infer` ships the implementations: contiguous, paged, int8, sliding, token merging). Per forward
+the model calls `begin` once with the new tokens' positions, then `update` once per layer.
 """
 
 from __future__ import annotations
@@ -14,6 +14,13 @@ import torch
 
 @runtime_checkable
 class Cache(Protocol):
+    """Optional, looked up with getattr (so not part of the isinstance check):
+
+    logit_bias(layer) -> Tensor | None: an additive bias on the attention logits of the keys the last
+    `update(layer, ...)` returned, broadcastable to [B, n_head, T, Tk] (e.g. [B, 1, 1, Tk]); softmax attention
+    calls it right after `update` and adds it to any position bias. None = no bias. `lmforge.infer.merging`
+    returns log(count) of merged entries (proportional attention)."""
+
     length: int  # tokens stored so far; new tokens default to positions length, length + 1, ...
 
     def begin(self, positions: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,7 +46,7 @@ def sample(run: str | Path, prompt: str, *, max_new_tokens: int = 200, temperatu
         max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - len(ids))
     decoder = tok.incremental_decoder()
     pieces = []
-    for token in generate_stream(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+    for token in generate_stream(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0,
                                  seed=seed, stop_ids=(tok.eos_id,), vocab_size=tok.vocab_size):  # fmt: skip
         if token == tok.eos_id:
             break

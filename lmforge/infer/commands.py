@@ -1,0 +1,148 @@
+"""CLI commands of the inference stage: `lmforge generate` (streaming to the terminal) and `lmforge bench`
+(the inference benchmarks of a source checkout). Heavy imports stay inside the functions."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from lmforge.cli import command
+from lmforge.config import ConfigError
+
+KV_CHOICES = ["contiguous", "int8", "paged", "paged-int8", "sliding"]
+QUANT_CHOICES = ["int8", "w8a8", "int4", "bf16"]
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="a run folder (runs/tiny), one of its checkpoints, or an HF folder")
+    p.add_argument("--prompt", default="\n", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="keep tokens with p ≥ min_p · p_max; 0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); the text ends before it")
+    p.add_argument("--n", type=int, default=1, help="samples of the prompt (they share its KV blocks: --kv paged)")
+    p.add_argument("--logprobs", type=int, default=None, metavar="K", help="print each token's log-prob and top K")
+    p.add_argument("--quantize", choices=QUANT_CHOICES, help="weights: int8 weight-only, W8A8-dynamic, int4, bf16")
+    p.add_argument("--kv", choices=KV_CHOICES, default="contiguous", help="KV cache (default contiguous)")
+    p.add_argument("--window", type=int, default=256, help="--kv sliding: keys kept per layer")
+    p.add_argument("--sinks", type=int, default=0, help="--kv sliding: first tokens always kept (StreamingLLM)")
+    p.add_argument("--draft", help="speculative decoding with this draft run/checkpoint (same tokenizer)")
+    p.add_argument("--lookup", type=int, metavar="N", help="speculative decoding by prompt lookup of N-grams")
+    p.add_argument("--gamma", type=int, default=4, help="draft tokens per verify step")
+    p.add_argument("--stats", action="store_true", help="print tokens/s (and acceptance when speculating)")
+
+
+@command("generate", help="stream a continuation from a model: caches, quantization, speculative decoding",
+         arguments=_generate_args)  # fmt: skip
+def generate(args: argparse.Namespace) -> None:
+    import time
+
+    from lmforge.infer.loading import load_for_inference
+    from lmforge.infer.sampling import SamplingParams, TextStream
+
+    model, tok = load_for_inference(args.ckpt)
+    if args.quantize:
+        from lmforge.infer.quantize import quantize_model
+
+        quantize_model(model, args.quantize)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                            seed=args.seed, stop_ids=(tok.eos_id,), stop=tuple(args.stop), n=args.n,
+                            logprobs=args.logprobs)  # fmt: skip
+    prompt = tok.encode(args.prompt)
+    if args.draft and args.lookup:
+        raise ConfigError("give --draft or --lookup, not both")
+    paged = args.kv.startswith("paged") or args.n > 1 or args.logprobs is not None
+    if paged and (args.draft or args.lookup):
+        raise ConfigError("speculative decoding runs on the batch-1 path: drop --n/--logprobs or use --kv contiguous")
+    print(args.prompt, end="", flush=True)
+    start, count = time.perf_counter(), 0
+    stats_line = ""
+    if paged:
+        from lmforge.infer.engine import Engine
+
+        engine = Engine(model, tokenizer=tok, kv_dtype="int8" if args.kv == "paged-int8" else None,
+                        kv_memory_gib=0.5, verbose=args.stats)  # fmt: skip
+        texts: dict[int, list[str]] = {}
+        for out in engine.stream(prompt, params):
+            count += 1
+            if args.n == 1:
+                print(out.text, end="", flush=True)
+            texts.setdefault(out.index, []).append(out.text)
+            if out.logprobs is not None:
+                alts = " ".join(f"{tok.decode([t])!r}:{lp:.2f}" for t, lp in out.logprobs.top)
+                print(f"  [{out.logprobs.logprob:.3f}{' | ' + alts if alts else ''}]", flush=True)
+        if args.n > 1:
+            for i in sorted(texts):
+                print(f"\n--- sample {i} ---\n{args.prompt}{''.join(texts[i])}")
+        stats_line = f"prefix-cache hits {engine.stats.prefix_hit_tokens} tokens"
+    else:
+        stream = _batch1_stream(model, prompt, params, args, tok.vocab_size)
+        text = TextStream(tok, params.stop)
+        for token in stream:
+            count += 1
+            if token == tok.eos_id:
+                break
+            print(text.feed(token), end="", flush=True)
+            if text.stopped:
+                break
+        print(text.flush(), end="")
+        if hasattr(stream, "stats"):
+            s = stream.stats
+            stats_line = f"acceptance α {s.alpha:.2f}, {s.tokens_per_step:.2f} tokens per target forward"
+    print()
+    if args.stats:
+        seconds = time.perf_counter() - start
+        extra = f"; {stats_line}" if stats_line else ""
+        print(f"[{count} tokens in {seconds:.2f} s: {count / seconds:.1f} tok/s{extra}]")
+
+
+def _batch1_stream(model, prompt, params, args, vocab_size):
+    from lmforge.infer.generate import generate_stream
+
+    if args.draft or args.lookup:
+        from lmforge.infer.loading import load_for_inference
+        from lmforge.infer.speculative import speculative_generate
+
+        draft = load_for_inference(args.draft)[0] if args.draft else None
+        return speculative_generate(model, prompt, params, draft=draft, gamma=args.gamma, lookup_ngram=args.lookup,
+                                    vocab_size=vocab_size)  # fmt: skip
+    cache = None
+    if args.kv == "sliding":
+        from lmforge.infer.sliding import SlidingKVCache
+
+        cache = SlidingKVCache(model.cfg, 1, window=args.window, sinks=args.sinks)
+    elif args.kv == "int8":
+        from lmforge.infer.kv_cache import ContiguousKVCache
+
+        cache = ContiguousKVCache(model.cfg, 1, len(prompt) + params.max_new_tokens, kv_dtype="int8")
+    return generate_stream(model, prompt, params, cache=cache, vocab_size=vocab_size)
+
+
+BENCHMARKS = {
+    "decode": "decode",  # batch-1 decode vs HF, gemv roofline, bf16 / int8 / int4 weights
+    "batch": "batching",  # continuous batching vs HF one-at-a-time and static batches
+    "spec": "speculative",  # draft model and prompt lookup: measured vs predicted speed-up
+    "quant": "inference_quality",  # Δperplexity and bytes of KV and weight quantization; KV eviction table
+}
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("which", choices=sorted(BENCHMARKS), help="decode | batch | spec | quant")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (--quick, --record, --help)")
+
+
+@command("bench", help="inference benchmarks (decode, batch, spec, quant), side by side with HF transformers",
+         arguments=_bench_args)  # fmt: skip
+def bench(args: argparse.Namespace) -> int:
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "benchmarks" / f"{BENCHMARKS[args.which]}.py").is_file():
+        raise FileNotFoundError(f"{root / 'benchmarks'} not found: `lmforge bench` runs from a source checkout")
+    cmd = [sys.executable, "-m", f"benchmarks.{BENCHMARKS[args.which]}", *args.rest]
+    return subprocess.call(cmd, cwd=root)
