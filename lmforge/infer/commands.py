@@ -113,6 +113,10 @@ def _batch1_stream(model, prompt, params, args, vocab_size):
         draft = load_for_inference(args.draft)[0] if args.draft else None
         return speculative_generate(model, prompt, params, draft=draft, gamma=args.gamma, lookup_ngram=args.lookup,
                                     vocab_size=vocab_size)  # fmt: skip
+    if not args.quantize:  # fp32/bf16 weights: store each in its faster GEMV layout for one-row steps
+        from lmforge.infer.fastpath import optimize_for_decode
+
+        optimize_for_decode(model)
     cache = None
     if args.kv == "sliding":
         from lmforge.infer.sliding import SlidingKVCache
