@@ -16,6 +16,7 @@ block_size − 1 slots, and blocks can be shared:
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -112,6 +113,7 @@ class PagedKVPool:
         self.int8 = kv_dtype == "int8"
         self.prefix_caching = prefix_caching
         self.allocator = BlockAllocator(num_blocks)
+        self._scratch: dict = {}
         shape = (cfg.n_layer, num_blocks * block_size, cfg.n_kv_head, cfg.head_dim)
         store = torch.int8 if self.int8 else dtype
         self.k = torch.zeros(shape, dtype=store, device=device)
@@ -119,6 +121,16 @@ class PagedKVPool:
         if self.int8:
             self.k_scale = torch.zeros(shape[:-1] + (1,), dtype=dtype, device=device)
             self.v_scale = torch.zeros(shape[:-1] + (1,), dtype=dtype, device=device)
+
+    def scratch(self, key, shape: tuple[int, ...], dtype) -> torch.Tensor:
+        """A reused buffer for gathered keys or values. Fresh 100 MB tensors every layer of every step cost
+        more in page faults than the copy itself (index_select into a new tensor: 28 ms for 61 MB here;
+        into a reused one: 5 ms). The previous layer is done with it when the next one gathers."""
+        numel = math.prod(shape)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self._scratch[key] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buf[:numel].view(shape)
 
     @classmethod
     def bytes_per_block(cls, cfg: ModelConfig, block_size: int = 16, dtype=torch.float32, kv_dtype=None) -> int:
@@ -241,26 +253,28 @@ class PagedBatch:
         self.length = 0  # positions are always passed explicitly by the engine
         bs, dev = pool.block_size, pool.device
         T = max(new_tokens)
-        write, gather, k_pos, k_valid = [], [], [], []
+        write, tables, k_pos, k_valid = [], [], [], []
         self._write_mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-        starts = []
         for row, (seq, n) in enumerate(zip(seqs, new_tokens, strict=True)):
             end = seq.num_cached + n
             first = next((i for i, b in enumerate(seq.blocks) if b >= 0), 0)  # sliding windows free old blocks
-            starts.append(first * bs)
-            table = torch.tensor(seq.blocks, dtype=torch.long)
+            live = seq.blocks[first : -(-end // bs)]
+            table = torch.tensor(seq.blocks[: -(-end // bs)], dtype=torch.long)
             pos = torch.arange(seq.num_cached, end)
             write.append(table[pos // bs] * bs + pos % bs)
             self._write_mask[row, :n] = True
-            kept = torch.arange(first * bs, end)
-            gather.append(table[kept // bs] * bs + kept % bs)
+            tables.append(live)
+            kept = torch.arange(first * bs, (first + len(live)) * bs)
             k_pos.append(kept)
-        Tk = max(len(g) for g in gather)
+            k_valid.append(kept < end)
+        # Gather whole blocks (block_size contiguous tokens per index), not single slots: ~16× fewer, larger
+        # copies — per-slot index_select ran at ~2 GB/s here and dominated a decode step of a large batch.
+        nb = max(len(t) for t in tables)
+        self._blocks = torch.tensor([t + [0] * (nb - len(t)) for t in tables], dtype=torch.long, device=dev)
         self._write_slots = torch.cat(write).to(dev)
-        self._gather = torch.stack([torch.nn.functional.pad(g, (0, Tk - len(g))) for g in gather]).to(dev)
-        self.k_pos = torch.stack([torch.nn.functional.pad(p, (0, Tk - len(p))) for p in k_pos]).to(dev)
-        k_valid = [torch.arange(Tk) < len(g) for g in gather]
-        self.k_valid = torch.stack(k_valid).to(dev)
+        pad = nb * bs
+        self.k_pos = torch.stack([torch.nn.functional.pad(p, (0, pad - len(p))) for p in k_pos]).to(dev)
+        self.k_valid = torch.stack([torch.nn.functional.pad(v, (0, pad - len(v))) for v in k_valid]).to(dev)
         self._write_mask = self._write_mask.to(dev)
 
     def begin(self, positions: torch.Tensor, valid: torch.Tensor | None):
@@ -287,12 +301,15 @@ class PagedBatch:
         )
 
     def _gathered(self, store, scale, layer, dtype):
-        B, Tk = self._gather.shape
-        idx = self._gather.flatten()
-        x = store[layer].index_select(0, idx)
+        B, nb = self._blocks.shape
+        bs = self.pool.block_size
+        idx = self._blocks.flatten()
+        src = store[layer].view(-1, bs, *store.shape[2:])
+        x = self.pool.scratch(id(store), (len(idx), *src.shape[1:]), src.dtype)
+        torch.index_select(src, 0, idx, out=x)
         if scale is not None:
-            x = dequantize_kv(x, scale[layer].index_select(0, idx), dtype)
-        return x.view(B, Tk, *x.shape[1:]).transpose(1, 2)  # [B, Hk, Tk, D]
+            x = dequantize_kv(x, scale[layer].view(-1, bs, *scale.shape[2:]).index_select(0, idx), dtype)
+        return x.view(B, nb * bs, *x.shape[2:]).transpose(1, 2)  # [B, Hk, Tk, D]
 
     def commit(self) -> None:
         """After the forward: the new tokens' K/V are stored; full blocks become findable by prefix."""
