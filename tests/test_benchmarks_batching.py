@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks import batching
-from benchmarks.batching import Job, Served, ServiceModel, fifo_timeline, percentile
+from benchmarks.hf_baselines import Job, Served, ServiceModel, fifo_timeline, percentile
 
 
 @pytest.fixture

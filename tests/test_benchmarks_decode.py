@@ -4,7 +4,7 @@ models, one thread), and the helpers their figures rest on, on tiny models and a
 import pytest
 import torch
 
-from benchmarks import decode, speculative
+from benchmarks import decode, spec_inputs, speculative
 from lmforge.infer.generate import generate
 from lmforge.infer.speculative import SpeculativeStats
 from lmforge.model import ModelConfig, Transformer
@@ -120,7 +120,7 @@ def test_speculative_quick_main_reports_every_figure(capsys):
 
 def test_spec_cases_and_their_stats_reproduce_greedy_target_only():
     model = tiny_gpt2()
-    prompts = speculative.random_lookup_prompts(model.cfg.vocab_size, 2, 12)
+    prompts = spec_inputs.random_lookup_prompts(model.cfg.vocab_size, 2, 12)
     cases = speculative.spec_cases(model, model.cfg.vocab_size, prompts, 0.0, 10, (2, 4))
     assert [c.name for c in cases] == ["target only", "lookup γ=2", "lookup γ=4", "lookup adaptive γ (from 4, ≤8)"]
     for case in cases:
@@ -158,17 +158,17 @@ x = 1
 
 
 def test_function_blocks_take_each_def_with_its_body_dedented():
-    blocks = speculative.function_blocks(SOURCE)
+    blocks = spec_inputs.function_blocks(SOURCE)
     assert blocks[0] == 'def add(a, b):\n    """Add two numbers."""\n    return a + b'
     assert blocks[1] == "def size(self):\n    if self.items:\n        return len(self.items)\n\n    return 0"
 
 
 def test_lookup_prompt_ends_inside_the_copy_and_copied_chars_scores_it():
-    block = speculative.function_blocks(SOURCE)[0]
-    prompt, rest = speculative.lookup_prompt_text(block)
-    assert prompt == block + speculative.LOOKUP_CUE + "def add(a, b):"
+    block = spec_inputs.function_blocks(SOURCE)[0]
+    prompt, rest = spec_inputs.lookup_prompt_text(block)
+    assert prompt == block + spec_inputs.LOOKUP_CUE + "def add(a, b):"
     assert rest == block[len("def add(a, b):") :]  # what a faithful copy continues with
-    assert speculative.copied_chars([rest, "\n    x"], [rest, "\n    ret"]) == (len(rest) + 5, len(rest) + 6)
+    assert spec_inputs.copied_chars([rest, "\n    x"], [rest, "\n    ret"]) == (len(rest) + 5, len(rest) + 6)
 
 
 def test_text_and_lookup_prompts_from_documents():
@@ -176,8 +176,8 @@ def test_text_and_lookup_prompts_from_documents():
 
     docs = [SOURCE.replace("add", f"add{i}").replace("Box", f"Box{i}") * 3 for i in range(4)]
     tok = Tokenizer.train_bpe(docs, vocab_size=300)
-    prompts = speculative.text_prompts(docs, tok, count=2, length=8)
+    prompts = spec_inputs.text_prompts(docs, tok, count=2, length=8)
     assert len(prompts) == 2 and all(len(p) == 8 for p in prompts)
-    copy_prompts, rests = speculative.lookup_prompts(docs, tok, count=2, block_tokens=(1, 1000))
+    copy_prompts, rests = spec_inputs.lookup_prompts(docs, tok, count=2, block_tokens=(1, 1000))
     assert len(copy_prompts) == len(rests) == 2
-    assert tok.decode(copy_prompts[0]).endswith(speculative.LOOKUP_CUE.strip("\n") + "\n" + "def size(self):")
+    assert tok.decode(copy_prompts[0]).endswith(spec_inputs.LOOKUP_CUE.strip("\n") + "\n" + "def size(self):")
