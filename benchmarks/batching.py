@@ -59,6 +59,7 @@ from benchmarks.harness import (
     fmt_seconds,
     format_environment,
     record,
+    verdict,
 )
 from benchmarks.hf_baselines import (
     Job,
@@ -228,10 +229,6 @@ def report(runs: dict[str, Run], static_size: int) -> Table:
                   fmt_seconds(percentile(run.ttft, 0.99)) + star, fmt_seconds(percentile(run.itl, 0.5)),
                   fmt_seconds(percentile(run.itl, 0.99)), fmt_seconds(run.span) + star)  # fmt: skip
     return table
-
-
-def verdict(ok: bool) -> str:
-    return "MET" if ok else "NOT MET"
 
 
 def latency(run: Run) -> str:

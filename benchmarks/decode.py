@@ -57,6 +57,7 @@ from benchmarks.harness import (
     fmt_bytes,
     format_environment,
     record,
+    verdict,
 )
 from lmforge.config import load_config
 from lmforge.infer.fastpath import optimize_for_decode, transposed_is_faster
@@ -364,10 +365,6 @@ def summary_table(rows: list[Row], n: int) -> Table:
                   f"{r.tok_s(n):.1f}", f"{hf.generation / r.generation:.2f}×", fmt_bytes(r.weight_bytes),
                   prefix_match(r.tokens, ref.tokens) + (" (vs HF)" if r.name == OURS else ""))  # fmt: skip
     return table
-
-
-def verdict(ok: bool) -> str:
-    return "MET" if ok else "NOT MET"
 
 
 def star(row: Row) -> str:

@@ -399,6 +399,11 @@ def apply_common_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def verdict(ok: bool | None) -> str:
+    """How a script prints a goal: MET, NOT MET, or nothing when the row has no goal."""
+    return "" if ok is None else "MET" if ok else "NOT MET"
+
+
 def command_line(drop: Sequence[str] = ("--record",)) -> str:
     """The command that ran this script, as one would retype it (`python -m benchmarks.x --quick`), without
     `--record`."""

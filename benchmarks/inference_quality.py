@@ -50,7 +50,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import REPO_ROOT, Table, add_common_args, apply_common_args, command_line, environment, record
+from benchmarks.harness import (
+    REPO_ROOT,
+    Table,
+    add_common_args,
+    apply_common_args,
+    command_line,
+    environment,
+    record,
+    verdict,
+)
 from lmforge.infer.kv_cache import ContiguousKVCache
 from lmforge.infer.merging import TokenMergingCache
 from lmforge.infer.quantize import quantization_report, quantize_model
@@ -193,10 +202,6 @@ def measure_weights(model, windows, ref: Score, args) -> tuple[list[dict], list[
             "seconds": time.perf_counter() - t0,
         })  # fmt: skip
     return rows, notes
-
-
-def verdict(ok: bool | None) -> str:
-    return "" if ok is None else "MET" if ok else "NOT MET"
 
 
 def quant_table(name: str, kv: dict, rows: list[dict], n: int, T: int) -> Table:

@@ -49,6 +49,7 @@ from benchmarks.harness import (
     command_line,
     format_environment,
     record,
+    verdict,
 )
 from benchmarks.spec_inputs import (
     Models,
@@ -293,10 +294,6 @@ def experiment(title: str, cases: list[Case], costs: Costs, args) -> list[CaseFi
     rows = [case_figures(case, result, costs) for case in cases]
     report(title, cases, result, rows).print()
     return rows
-
-
-def verdict(ok: bool) -> str:
-    return "MET" if ok else "NOT MET"
 
 
 def describe(model: Transformer) -> str:

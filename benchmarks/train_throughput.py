@@ -49,6 +49,7 @@ from benchmarks.harness import (
     peak_live_memory,
     peak_rss_growth,
     record,
+    verdict,
 )
 from lmforge.model import ModelConfig, Transformer
 from lmforge.train.loop import TrainConfig, make_optimizer
@@ -334,10 +335,6 @@ def profile(shape: Shape, steps: int = 4, top: int = 18) -> None:
 
 
 # ---- main -------------------------------------------------------------------------------------------------
-
-
-def verdict(ok: bool) -> str:
-    return "MET" if ok else "NOT MET"
 
 
 def main() -> None:
