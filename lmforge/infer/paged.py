@@ -151,28 +151,31 @@ class PagedKVPool:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # ---- block tables -------------------------------------------------------------------------------
+    def _shared_partial(self, seq: PagedSequence) -> bool:
+        """Whether the last block is part-filled and shared (forked samples): writing to it copies it first."""
+        return seq.num_cached % self.block_size != 0 and self.allocator.refs[seq.blocks[-1]] > 1
+
     def blocks_needed(self, seq: PagedSequence, new_tokens: int) -> int:
         """Fresh blocks that appending `new_tokens` would take (a shared last block counts: it is copied)."""
         bs, n = self.block_size, seq.num_cached
         need = -(-(n + new_tokens) // bs) - len(seq.blocks)
-        partial = n % bs != 0 and seq.blocks and self.allocator.refs[seq.blocks[-1]] > 1
-        return max(need, 0) + int(bool(partial) and new_tokens > 0)
+        return max(need, 0) + int(new_tokens > 0 and self._shared_partial(seq))
 
     def fits(self, seq: PagedSequence) -> int:
         """How many more tokens `seq` can take with the blocks free now."""
         bs, n = self.block_size, seq.num_cached
-        shared = n % bs != 0 and seq.blocks and self.allocator.refs[seq.blocks[-1]] > 1
-        free = self.allocator.num_free - int(bool(shared))  # a shared last block is copied first
+        free = self.allocator.num_free - int(self._shared_partial(seq))  # a shared last block is copied first
         slack = 0 if n % bs == 0 else bs - n % bs
         return free * bs + slack if free >= 0 else 0
 
     def reserve(self, seq: PagedSequence, new_tokens: int) -> None:
         """Give `seq` room for `new_tokens` more tokens: copy a shared partial last block (copy-on-write),
         then append fresh blocks. Raises OutOfBlocks (leaving `seq` usable) when the pool is exhausted."""
-        if self.blocks_needed(seq, new_tokens) > self.allocator.num_free:
-            raise OutOfBlocks(f"{self.blocks_needed(seq, new_tokens)} blocks needed, {self.allocator.num_free} free")
+        needed = self.blocks_needed(seq, new_tokens)
+        if needed > self.allocator.num_free:
+            raise OutOfBlocks(f"{needed} blocks needed, {self.allocator.num_free} free")
         bs = self.block_size
-        if seq.num_cached % bs and new_tokens and self.allocator.refs[seq.blocks[-1]] > 1:
+        if new_tokens and self._shared_partial(seq):
             old = seq.blocks[-1]
             new = self.allocator.allocate()
             self._copy_block(old, new)
