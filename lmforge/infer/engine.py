@@ -285,12 +285,12 @@ class Engine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Output]:
         if self.vocab_size:
             logits = logits[:, : self.vocab_size]
-        params = [s.request.params for s in seqs]
-        probs = processed_probs(logits, params, [s.paged.tokens for s in seqs])
+        row_params = [s.request.params for s in seqs]
+        probs = processed_probs(logits, row_params, [s.paged.tokens for s in seqs])
         now = time.perf_counter()
         outputs = []
-        k = max((p.logprobs or 0) for p in params)
-        wants_logprobs = any(p.logprobs is not None for p in params)
+        k = max((p.logprobs or 0) for p in row_params)
+        wants_logprobs = any(p.logprobs is not None for p in row_params)
         chosen = [draw(probs[i], s.request.params, len(s.output), salt=s.index) for i, s in enumerate(seqs)]
         lps = token_logprobs(logits, chosen, k) if wants_logprobs else [None] * len(seqs)
         for seq, token, lp in zip(seqs, chosen, lps, strict=True):

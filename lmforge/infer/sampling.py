@@ -103,6 +103,8 @@ def processed_logits(logits: torch.Tensor, params: list[SamplingParams], histori
 
 def processed_probs(logits: torch.Tensor, params: list[SamplingParams], histories: list | None = None):
     """The distribution each row samples from, [B, V]: one-hot at the argmax for greedy rows."""
+    if all(p.greedy and p.repetition_penalty == 1.0 for p in params):  # nothing to process: the raw argmax
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     logits = processed_logits(logits, params, histories)
     probs = logits.softmax(-1)
     greedy = torch.tensor([p.greedy for p in params], device=logits.device)
