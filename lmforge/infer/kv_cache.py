@@ -76,6 +76,11 @@ class KVStore:
             self.k_scale = torch.zeros(shape[:-1] + (1,), dtype=dtype, device=device)
             self.v_scale = torch.zeros(shape[:-1] + (1,), dtype=dtype, device=device)
 
+    def check_batch(self, positions: torch.Tensor) -> None:
+        """One-line error when a forward's batch is not the batch this cache was built for."""
+        if positions.shape[0] != self.k.shape[1]:
+            raise ValueError(f"cache holds {self.k.shape[1]} sequences, got a batch of {positions.shape[0]}")
+
     def write(self, layer: int, index, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [B, n_kv_head, n, head_dim] at `index` (a slice or a LongTensor of n distinct slots)."""
         if self.quantized:
@@ -139,9 +144,8 @@ class ContiguousKVCache:
         return self.max_len
 
     def begin(self, positions: torch.Tensor, valid: torch.Tensor | None):
-        B, T = positions.shape
-        if B != self.batch_size:
-            raise ValueError(f"cache holds {self.batch_size} sequences, got a batch of {B}")
+        self.store.check_batch(positions)
+        T = positions.shape[1]
         if self.length + T > self.max_len:
             raise ValueError(
                 f"cache full: {self.length} + {T} tokens exceed max_len={self.max_len}; "

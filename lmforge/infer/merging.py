@@ -66,9 +66,8 @@ class TokenMergingCache:
         return self.budget
 
     def begin(self, positions: torch.Tensor, valid: torch.Tensor | None):
+        self.store.check_batch(positions)
         B, T = positions.shape
-        if B != self.batch_size:
-            raise ValueError(f"cache holds {self.batch_size} sequences, got a batch of {B}")
         valid = torch.ones_like(positions, dtype=torch.bool) if valid is None else valid
         self._new_counts = valid.float()
         self._uniform = self._all_ones and bool(valid.all())

@@ -72,9 +72,8 @@ class SlidingKVCache:
         return arrival if arrival < self.sinks else self.sinks + (arrival - self.sinks) % recent
 
     def begin(self, positions: torch.Tensor, valid: torch.Tensor | None):
-        B, T = positions.shape
-        if B != self.batch_size:
-            raise ValueError(f"cache holds {self.batch_size} sequences, got a batch of {B}")
+        self.store.check_batch(positions)
+        T = positions.shape[1]
         valid = torch.ones_like(positions, dtype=torch.bool) if valid is None else valid
         start, self.length = self.length, self.length + T
         # One token: write it first (evicting the oldest recent one) and return the buffer itself — no copy
