@@ -37,14 +37,7 @@ LAYER_TOL = {"int8": 0.02, "w8a8": 0.04, "int4": 0.2, "bf16": 0.01}
 LOGIT_TOL = {"int8": 0.03, "w8a8": 0.06, "int4": 0.25, "bf16": 0.02}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Layers this small gain nothing from threads but their synchronisation: on a busy 2-core machine the file
-    # took 5 s with one thread and 13-22 s with two.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/infer/conftest.py
 
 
 def tiny(**kw):

@@ -22,13 +22,7 @@ CHI2_CRIT_7DOF = 18.475  # χ² critical value, 7 degrees of freedom, significan
 V, GAMMA, DRAWS = 8, 4, 20_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: two threads only add synchronisation, and the machine is shared with a training run.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/infer/conftest.py
 
 
 def tiny(seed, **kw):
