@@ -33,7 +33,12 @@ from lmforge.config import ConfigError, load_config
 T = TypeVar("T")
 
 # Modules (besides this one) whose @command functions join the CLI. Add a stage's command module here.
-COMMAND_MODULES: list[str] = ["lmforge.data.commands", "lmforge.train.commands", "lmforge.infer.commands"]
+COMMAND_MODULES: list[str] = [
+    "lmforge.data.commands",
+    "lmforge.train.commands",
+    "lmforge.infer.commands",
+    "lmforge.scaling.commands",
+]
 
 # Exceptions that mean "the user asked for something impossible", shown as one line, not a traceback.
 USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError)

@@ -31,6 +31,7 @@ __all__ = [
     "bootstrap_chinchilla",
     "fit_chinchilla",
     "fit_isoflop",
+    "fit_parabola",
     "fit_power_law",
     "hoffmann_grid",
     "huber_objective",
@@ -234,6 +235,20 @@ class IsoFLOPFit:
         }  # fmt: skip
 
 
+def fit_parabola(compute: float, n, loss) -> Parabola:
+    """Least-squares parabola of loss in ln N for the runs of one budget (≥ 3 sizes)."""
+    n, loss = np.asarray(n, dtype=float), np.asarray(loss, dtype=float)
+    if len(set(n)) < 3:
+        raise ValueError(f"a parabola needs ≥ 3 model sizes at C = {compute:.3g}, got {len(set(n))}")
+    p2, p1, p0 = np.polyfit(np.log(n), loss, 2)
+    if p2 <= 0:
+        raise ValueError(
+            f"the runs at C = {compute:.3g} have no minimum in N (the loss curve opens downwards): "
+            "train sizes on both sides of the best one"
+        )
+    return Parabola(compute, float(p2), float(p1), float(p0), (float(n.min()), float(n.max())))
+
+
 def fit_isoflop(compute, n, loss, *, rel_tol: float = 0.05) -> IsoFLOPFit:
     """Hoffmann et al.'s Approach 2: group runs by budget (budgets within `rel_tol` are one), fit a parabola
     of loss in ln N to each (≥ 3 sizes), take its minimum, then fit ln N_opt linearly in ln C."""
@@ -245,19 +260,9 @@ def fit_isoflop(compute, n, loss, *, rel_tol: float = 0.05) -> IsoFLOPFit:
             groups[-1].append(i)
         else:
             groups.append([i])
-    parabolas = []
-    for g in groups:
-        if len({n[i] for i in g}) < 3:
-            continue
-        x, y = np.log(n[g]), loss[g]
-        p2, p1, p0 = np.polyfit(x, y, 2)
-        c = float(np.exp(np.mean(np.log(compute[g]))))
-        if p2 <= 0:
-            raise ValueError(
-                f"the runs at C = {c:.3g} have no minimum in N (the loss curve opens downwards): "
-                "train sizes on both sides of the best one"
-            )
-        parabolas.append(Parabola(c, float(p2), float(p1), float(p0), (float(n[g].min()), float(n[g].max()))))
+    parabolas = [
+        fit_parabola(float(np.exp(np.mean(np.log(compute[g])))), n[g], loss[g]) for g in groups if len(set(n[g])) >= 3
+    ]
     if len(parabolas) < 2:
         raise ValueError(f"IsoFLOP fits need ≥ 2 budgets with ≥ 3 model sizes each, got {len(parabolas)}")
     cs = np.array([p.compute for p in parabolas])

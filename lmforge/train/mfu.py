@@ -32,6 +32,7 @@ import torch
 
 __all__ = [
     "NOMINAL_PEAKS",
+    "OTHER_PEAKS",
     "PeakMeasurement",
     "cpu_bf16_ratio",
     "cpu_supports_fast_bf16",
@@ -49,7 +50,8 @@ __all__ = [
 # `torch.set_float32_matmul_precision("high")`). Datasheets print the sparse figure for tensor formats: the
 # dense one is half. `match` is searched (case-insensitive) in `torch.cuda.get_device_name()`, in table
 # order, so the specific variants come before the generic name ("H100 PCIe" before "H100", "A100" before
-# "A10").
+# "A10"). `memory_gib` is the datasheet's memory ("80GB"): for these parts a binary figure, as the driver
+# shows it (an "80GB" A100 reports 81,920 MiB); torch sees a little less, after the driver's reserve.
 NOMINAL_PEAKS: dict[str, dict] = {
     "H100 PCIe": {
         "match": r"H100.*PCIe",
@@ -57,6 +59,7 @@ NOMINAL_PEAKS: dict[str, dict] = {
         "fp16": 756.0,
         "tf32": 378.0,
         "fp32": 51.0,
+        "memory_gib": 80,
         "source": "NVIDIA H100 Tensor Core GPU datasheet (PCIe): 1,513 sparse bf16 TFLOPS",
     },
     "H100 NVL": {
@@ -65,6 +68,7 @@ NOMINAL_PEAKS: dict[str, dict] = {
         "fp16": 835.0,
         "tf32": 417.5,
         "fp32": 60.0,
+        "memory_gib": 94,
         "source": "NVIDIA H100 Tensor Core GPU datasheet (NVL): 1,671 sparse bf16 TFLOPS",
     },
     "H100 SXM": {
@@ -73,6 +77,7 @@ NOMINAL_PEAKS: dict[str, dict] = {
         "fp16": 989.0,
         "tf32": 494.5,
         "fp32": 67.0,
+        "memory_gib": 80,
         "source": "NVIDIA H100 Tensor Core GPU datasheet (SXM): 1,979 sparse bf16 TFLOPS",
     },
     "H200 NVL": {
@@ -81,6 +86,7 @@ NOMINAL_PEAKS: dict[str, dict] = {
         "fp16": 835.0,
         "tf32": 417.5,
         "fp32": 60.0,
+        "memory_gib": 141,
         "source": "NVIDIA H200 Tensor Core GPU datasheet (NVL): 1,671 sparse bf16 TFLOPS",
     },
     "H200": {
@@ -89,7 +95,17 @@ NOMINAL_PEAKS: dict[str, dict] = {
         "fp16": 989.0,
         "tf32": 494.5,
         "fp32": 67.0,
+        "memory_gib": 141,
         "source": "NVIDIA H200 Tensor Core GPU datasheet (SXM): 1,979 sparse bf16 TFLOPS",
+    },
+    "A100 40GB": {
+        "match": r"A100.*40\s*GB",
+        "bf16": 312.0,
+        "fp16": 312.0,
+        "tf32": 156.0,
+        "fp32": 19.5,
+        "memory_gib": 40,
+        "source": "NVIDIA A100 Tensor Core GPU datasheet (40GB): 312 dense bf16 TFLOPS, 19.5 fp32",
     },
     "A100": {
         "match": r"A100",
@@ -97,6 +113,7 @@ NOMINAL_PEAKS: dict[str, dict] = {
         "fp16": 312.0,
         "tf32": 156.0,
         "fp32": 19.5,
+        "memory_gib": 80,
         "source": "NVIDIA A100 Tensor Core GPU datasheet: 312 dense bf16 TFLOPS, 19.5 fp32",
     },
     "L40S": {
@@ -105,6 +122,7 @@ NOMINAL_PEAKS: dict[str, dict] = {
         "fp16": 362.05,
         "tf32": 183.0,
         "fp32": 91.6,
+        "memory_gib": 48,
         "source": "NVIDIA L40S datasheet: 733 sparse bf16 TFLOPS, 91.6 fp32",
     },
     "L4": {
@@ -113,6 +131,7 @@ NOMINAL_PEAKS: dict[str, dict] = {
         "fp16": 121.0,
         "tf32": 60.0,
         "fp32": 30.3,
+        "memory_gib": 24,
         "source": "NVIDIA L4 Tensor Core GPU datasheet: 242 sparse bf16 TFLOPS, 30.3 fp32",
     },
     "A10G": {
@@ -123,6 +142,7 @@ NOMINAL_PEAKS: dict[str, dict] = {
         "fp16": 125.0,
         "tf32": 62.5,
         "fp32": 31.2,
+        "memory_gib": 24,
         "source": "NVIDIA A10 datasheet figures (A10G has none of its own): 250 sparse bf16 TFLOPS",
     },
     "A10": {
@@ -131,6 +151,7 @@ NOMINAL_PEAKS: dict[str, dict] = {
         "fp16": 125.0,
         "tf32": 62.5,
         "fp32": 31.2,
+        "memory_gib": 24,
         "source": "NVIDIA A10 Tensor Core GPU datasheet: 250 sparse bf16 TFLOPS, 31.2 fp32",
     },
     "RTX 4090": {
@@ -139,7 +160,19 @@ NOMINAL_PEAKS: dict[str, dict] = {
         "fp16": 165.2,
         "tf32": 82.6,
         "fp32": 82.6,
+        "memory_gib": 24,
         "source": "NVIDIA Ada (AD102) architecture whitepaper, RTX 4090: 165.2 dense bf16 TFLOPS (fp32 acc.)",
+    },
+}
+
+# Accelerators that are never a CUDA device, for planning only (`lmforge.scaling.estimate`; `nominal_peak`
+# matches CUDA device names against NOMINAL_PEAKS alone). Only the figures the datasheet gives: TPU v4's
+# matrix units multiply bf16 (and int8), so there is no fp16/tf32/fp32 entry.
+OTHER_PEAKS: dict[str, dict] = {
+    "TPU v4": {
+        "bf16": 275.0,
+        "memory_gib": 32,
+        "source": "Google Cloud TPU v4 documentation: 275 peak bf16 TFLOPS, 32 GiB HBM2 per chip",
     },
 }
 
