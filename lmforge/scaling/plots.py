@@ -13,6 +13,9 @@ import numpy as np
 from .fit import IsoFLOPFit
 from .laws import ChinchillaLaw
 
+LOSS = "val loss (nats/token)"
+COMPUTE = "compute C = 6·N·D (FLOPs)"
+
 
 def _pyplot():
     import matplotlib
@@ -47,13 +50,8 @@ def plot_sweep(
             ax.plot(holdout["params"], holdout["val_loss"], "D", color="tab:red",
                     label=f"held-out run, C = {holdout['budget']:.2g} (measured)")  # fmt: skip
             ax.plot(holdout["params"], holdout["predicted_loss"], "x", color="k", ms=9, mew=2, label="its prediction")
-        ax.set_xscale("log")
-        ax.set_xlabel("parameters N (embeddings included)")
-        ax.set_ylabel("val loss (nats/token)")
-        ax.set_title("IsoFLOP curves: loss vs size at fixed compute (★ = parabola minimum)")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend()
-        paths.append(_save(fig, out_dir / "isoflop.png"))
+        title = "IsoFLOP curves: loss vs size at fixed compute (★ = parabola minimum)"
+        paths.append(_finish(fig, ax, out_dir / "isoflop.png", "parameters N (embeddings included)", LOSS, title))
 
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
         cs = np.array([p.compute for p in iso.parabolas])
@@ -65,13 +63,10 @@ def plot_sweep(
         ax.plot(span, np.sqrt(span / 120), ":", color="gray", label="20 tokens/parameter")
         if holdout:
             ax.plot(holdout["budget"], holdout["params"], "D", color="tab:red", label="held-out run")
-        ax.set_xscale("log"), ax.set_yscale("log")
-        ax.set_xlabel("compute C = 6·N·D (FLOPs)")
-        ax.set_ylabel("compute-optimal N")
-        ax.set_title("Compute-optimal frontier")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend()
-        paths.append(_save(fig, out_dir / "frontier.png"))
+        ax.set_yscale("log")
+        paths.append(
+            _finish(fig, ax, out_dir / "frontier.png", COMPUTE, "compute-optimal N", "Compute-optimal frontier")
+        )
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     flops = np.array([r["flops"] for r in runs])
@@ -89,17 +84,18 @@ def plot_sweep(
         ax.plot(holdout["flops"], holdout["val_loss"], "D", color="tab:red", ms=8, label="held-out, measured")
         ax.plot(holdout["flops"], holdout["predicted_loss"], "x", color="k", ms=10, mew=2,
                 label=f"held-out, predicted ({holdout['error']:+.1%})")  # fmt: skip
-    ax.set_xscale("log")
-    ax.set_xlabel("compute C = 6·N·D (FLOPs)")
-    ax.set_ylabel("val loss (nats/token)")
-    ax.set_title("Loss vs compute")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    paths.append(_save(fig, out_dir / "loss_vs_compute.png"))
+    paths.append(_finish(fig, ax, out_dir / "loss_vs_compute.png", COMPUTE, LOSS, "Loss vs compute"))
     return paths
 
 
-def _save(fig, path: Path) -> Path:
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Log x axis, labels, grid and legend; then write the PNG atomically."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.tight_layout()
