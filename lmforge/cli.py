@@ -38,6 +38,7 @@ COMMAND_MODULES: list[str] = [
     "lmforge.train.commands",
     "lmforge.infer.commands",
     "lmforge.scaling.commands",
+    "lmforge.align.commands",
 ]
 
 # Exceptions that mean "the user asked for something impossible", shown as one line, not a traceback.

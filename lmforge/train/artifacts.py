@@ -23,7 +23,7 @@ from .pretrain import PretrainConfig, evaluate_lm
 def load_run_model(run: str | Path, step: int | None = None) -> tuple[Transformer, Path, PretrainConfig]:
     """The model of a run folder at its latest checkpoint (or `step`), its tokenizer.json and its config."""
     run_dir = RunDir.open(run)
-    config = run_dir.load_config(PretrainConfig)
+    config = pretrain_view(run_dir)
     model = Transformer(config.model)
     ckpt = run_dir.checkpoints / f"step_{step:06d}" if step is not None else latest_checkpoint(run_dir.checkpoints)
     if ckpt is None or not ckpt.is_dir():
@@ -31,6 +31,20 @@ def load_run_model(run: str | Path, step: int | None = None) -> tuple[Transforme
     load_weights(ckpt, model)
     model.eval()
     return model, run_dir.path / "tokenizer.json", config
+
+
+def pretrain_view(run_dir: RunDir) -> PretrainConfig:
+    """The run's config as a PretrainConfig. Later stages (SFT, reward, DPO, ...) write their own configs with
+    the same `model`, `train` and `data` sections plus keys of their own, which are left out here."""
+    import dataclasses
+
+    import yaml
+
+    from lmforge.config import from_dict
+
+    raw = yaml.safe_load(run_dir.config_path.read_text()) or {}
+    known = {f.name for f in dataclasses.fields(PretrainConfig)}
+    return from_dict(PretrainConfig, {k: v for k, v in raw.items() if k in known and k != "eval"})
 
 
 def sample(run: str | Path, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,

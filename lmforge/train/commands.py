@@ -47,14 +47,26 @@ def sample(args: argparse.Namespace) -> None:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
+    from lmforge.data.tasks import available_tasks
+
     _run_arg(p)
     p.add_argument("--data", default=None, help="prepared data folder (default: the run's own)")
     p.add_argument("--batches", type=int, default=0, help="val batches to use (default 0: the whole split)")
+    p.add_argument("--tasks", default=None, metavar="SPECS",
+                   help="exact match on verifiable tasks instead of val loss, comma-separated specs, e.g. "
+                        f"add:digits=3,reverse; tasks: {', '.join(available_tasks())}")  # fmt: skip
+    p.add_argument("--n", type=int, default=1000, help="--tasks: prompts per task (default 1000)")
+    p.add_argument("--split", default="heldout", choices=["heldout", "train"], help="--tasks: prompt split")
+    p.add_argument("--seed", type=int, default=0, help="--tasks: which prompts of the split are drawn")
+    p.add_argument("--batch", type=int, default=64, help="--tasks: prompts generated at once (default 64)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-@command("eval", help="val loss and bits per byte of a run's model", arguments=_eval_args)
+@command("eval", help="val loss and bits per byte of a run's model, or exact match on tasks (--tasks)",
+         arguments=_eval_args)  # fmt: skip
 def evaluate(args: argparse.Namespace) -> None:
+    if args.tasks is not None:
+        return _evaluate_tasks(args)
     from lmforge.train.artifacts import evaluate as evaluate_run
 
     result = evaluate_run(args.run, args.data, batches=args.batches)
@@ -62,6 +74,40 @@ def evaluate(args: argparse.Namespace) -> None:
         print(json.dumps(result))
     else:
         print(f"val loss {result['val_loss']:.4f} nats/token, {result['val_bpb']:.4f} bits/byte")
+
+
+def _evaluate_tasks(args: argparse.Namespace) -> None:
+    from lmforge.config import ConfigError
+    from lmforge.data.tasks import examples, get_task, parse_task_list
+
+    if args.data is not None or args.batches:
+        raise ConfigError("--data and --batches belong to the val-loss evaluation; drop them with --tasks")
+    if args.n < 1 or args.batch < 1:
+        raise ConfigError(f"--n and --batch must be >= 1, got {args.n} and {args.batch}")
+    try:  # every spec, and that its split holds --n prompts, before the model is loaded
+        tasks = [get_task(spec) for spec in parse_task_list(args.tasks)]
+        for task in tasks:
+            examples(task, args.split, args.n, args.seed)
+    except ValueError as e:
+        raise ConfigError(f"--tasks: {e}") from None
+
+    import torch
+
+    from lmforge.infer.loading import load_for_inference
+    from lmforge.train.task_eval import evaluate_tasks, format_result
+
+    model, tok = load_for_inference(args.run)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    results = {}
+    for task in tasks:
+        result = evaluate_tasks(model, tok, task, n=args.n, split=args.split, seed=args.seed, batch_size=args.batch,
+                                progress=not args.json)  # fmt: skip
+        results[result["task"]] = result
+        if not args.json:
+            print(format_result(result), flush=True)
+    if args.json:
+        print(json.dumps({"run": str(args.run), "tasks": results}))
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,156 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath §4.1): sample a group of `n` responses per prompt, reward each with a
+program (the task's grader), and push up the responses that beat their group's mean — the group is the
+baseline, so there is no value model. Optional KL to the reference (k3, per token) and PPO clipping when a
+rollout is reused for several updates.
+
+    lmforge grpo --config configs/grpo/arith.yaml base=runs/arith-sft task=add:digits=3 n=8
+
+Each training step samples `prompts_per_step` prompts from the task's train split (the held-out split is
+only evaluated), rolls out with the inference engine, then updates (`iterations` optimizer steps per rollout).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.model import ModelConfig
+from lmforge.runs import RunDir, atomic_write_bytes
+from lmforge.train.loop import TrainConfig, Trainer
+
+from .lora import LoRAConfig, adapters_disabled, apply_lora, finish_lora_run
+from .losses import group_advantages, kl_k3, masked_mean, token_logprobs
+from .rollout import prompt_pool, rollout
+
+
+@dataclass
+class GRPOConfig:
+    base: str = "runs/arith-sft"
+    task: str = "add:digits=3"
+    name: str | None = None
+    runs_dir: str = "runs"
+    resume: bool = False
+    n: int = 8  # responses per prompt (the group)
+    prompts_per_step: int = 8
+    iterations: int = 1  # optimizer steps per rollout (> 1: PPO-clipped reuse)
+    temperature: float = 1.0
+    max_new_tokens: int = 8
+    beta: float = 0.0  # KL(π‖π_ref) coefficient, k3 per token; 0 = no reference kept
+    clip: float = 0.2
+    eval_n: int = 200  # held-out prompts, greedy, at every eval
+    seed: int = 0
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=100,
+            batch_size=1,
+            lr=1e-5,
+            min_lr=1e-6,
+            warmup_steps=5,
+            eval_every=25,
+            checkpoint_every=50,
+            weight_decay=0.0,
+        )  # fmt: skip
+    )
+    model: ModelConfig | None = None
+
+    def validate(self) -> None:
+        if self.n < 2:
+            raise ValueError(f"a group needs n ≥ 2 samples, got {self.n}")
+        if self.iterations < 1 or self.prompts_per_step < 1:
+            raise ValueError("iterations and prompts_per_step must be ≥ 1")
+
+
+@dataclass
+class GroupBatch:
+    rows: torch.Tensor
+    mask: torch.Tensor  # [B, L-1] response tokens, aligned with token_logprobs
+    advantages: torch.Tensor  # [B] one per response, spread over its tokens
+    old_logp: torch.Tensor  # [B, L-1]
+    ref_logp: torch.Tensor | None
+    metrics: dict
+
+
+def grpo_loss(beta: float, clip: float):
+    """−(1/G)Σ_i (1/|o_i|) Σ_t [min(ρ·Â_i, clip(ρ)·Â_i) − β·k3_t] (Shao et al. 2024, eq. 3)."""
+
+    def loss_fn(model, b: GroupBatch):
+        logp = token_logprobs(model, b.rows)
+        ratio = torch.exp(logp - b.old_logp)
+        adv = b.advantages[:, None]
+        objective = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+        metrics = dict(b.metrics)
+        if b.ref_logp is not None:
+            kl = kl_k3(logp, b.ref_logp)
+            objective = objective - beta * kl
+            metrics["kl"] = masked_mean(kl, b.mask).item()
+        per_sequence = masked_mean(objective, b.mask, dim=1)
+        metrics["clip_fraction"] = masked_mean(((ratio - 1).abs() > clip).float(), b.mask).item()
+        return -per_sequence.mean(), metrics
+
+    return loss_fn
+
+
+def run(cfg: GRPOConfig) -> RunDir:
+    from lmforge.data.tasks import get_task
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.artifacts import load_run_model
+    from lmforge.train.task_eval import evaluate_tasks
+
+    cfg.validate()
+    policy, tok_path, base_cfg = load_run_model(cfg.base)
+    tokenizer = Tokenizer.load(tok_path)
+    cfg.model = base_cfg.model
+    task = get_task(cfg.task)
+    pool = prompt_pool(task, max(cfg.prompts_per_step * cfg.train.steps, 1000), cfg.seed)
+    reference = None
+    if cfg.beta > 0 and not cfg.lora.enabled:
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    if cfg.lora.enabled:
+        apply_lora(policy, cfg.lora)
+    run_dir = RunDir.create(cfg.runs_dir, cfg.name, cfg, resume=cfg.resume)
+    atomic_write_bytes(run_dir.path / "tokenizer.json", tok_path.read_bytes())
+    cache: dict[int, GroupBatch] = {}
+
+    def reference_logp(rows):
+        if cfg.beta <= 0:
+            return None
+        with torch.no_grad():
+            if reference is not None:
+                return token_logprobs(reference, rows)
+            with adapters_disabled(policy):
+                return token_logprobs(policy, rows)
+
+    def batch_fn(step: int, micro: int, n_micro: int) -> GroupBatch:
+        key = step // cfg.iterations
+        if key not in cache:
+            cache.clear()
+            rng = random.Random(cfg.seed * 1_000_003 + key)
+            chosen = rng.sample(pool, cfg.prompts_per_step)
+            out = rollout(policy, tokenizer, [e.prompt_messages() for e in chosen], n=cfg.n,
+                          temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=key)  # fmt: skip
+            rewards = torch.tensor([float(task.grade(chosen[i], text)) for i, text in zip(out.prompt_index, out.texts)])
+            adv = group_advantages(rewards.view(cfg.prompts_per_step, cfg.n)).view(-1)
+            with torch.no_grad():
+                old = token_logprobs(policy, out.rows)
+            signal = rewards.view(cfg.prompts_per_step, cfg.n).std(-1) > 0  # groups not all right or all wrong
+            metrics = {"reward": rewards.mean().item(), "response_len": out.mask.sum(1).float().mean().item(),
+                       "groups_with_signal": signal.float().mean().item()}  # fmt: skip
+            cache[key] = GroupBatch(out.rows, out.mask[:, 1:], adv, old, reference_logp(out.rows), metrics)
+        return cache[key]
+
+    def eval_fn(m) -> dict[str, float]:
+        result = evaluate_tasks(m, tokenizer, task, n=cfg.eval_n, split="heldout", seed=cfg.seed, progress=False)
+        m.train()
+        return {"heldout_accuracy": result["accuracy"]}
+
+    print(f"GRPO on {task.spec()}: {cfg.prompts_per_step} prompts × {cfg.n} samples a rollout; base {cfg.base}")
+    trainer = Trainer(policy, cfg.train, run_dir, batch_fn=batch_fn, loss_fn=grpo_loss(cfg.beta, cfg.clip),
+                      eval_fn=eval_fn, tokens_fn=lambda b: int(b.mask.sum()), resume=cfg.resume)  # fmt: skip
+    trainer.fit()
+    if cfg.lora.enabled:
+        finish_lora_run(policy, run_dir, trainer.step, cfg.lora, keep=cfg.train.keep_checkpoints)
+    return run_dir

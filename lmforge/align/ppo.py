@@ -1,0 +1,241 @@
+"""PPO with a learned reward model and a per-token KL penalty (Ziegler et al. 2019; Stiennon et al. 2020;
+Ouyang et al. 2022), through the one training loop: each rollout is sampled with the inference engine, scored by
+the reward model, turned into advantages by GAE, and consumed in minibatch epochs.
+
+    lmforge ppo --config configs/ppo/arith.yaml base=runs/arith-sft reward_model=runs/arith-rm task=add:digits=3
+
+Reward per response token t: −β·(log π − log π_ref)_t (k1), plus the reward model's score on the last token.
+The value head shares the policy's trunk. β is fixed or adapted towards `target_kl` (Ziegler et al. 2019,
+§2.2). Logged: reward (the model's score), KL (k1 summed per response; k3 beside it, Schulman 2020), entropy,
+clip fraction, value loss, β, and the held-out accuracy from the task's true grader — used for evaluation
+only, never as a reward. A finished run's last checkpoint holds the policy alone (no value head).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.model import ModelConfig, Transformer
+from lmforge.runs import RunDir, atomic_write_bytes
+from lmforge.train.loop import TrainConfig, Trainer
+
+from .lora import LoRAConfig, adapters_disabled, apply_lora, merge_lora, save_adapters
+from .losses import gae, kl_k1, kl_k3, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss, token_logprobs
+from .rollout import prompt_pool, rollout
+
+
+class PolicyWithValue(nn.Module):
+    """The policy's transformer plus a value head on its hidden states: logits and values for every position
+    that predicts a token (values[:, t] is the value of the state before token t + 1)."""
+
+    def __init__(self, policy: Transformer):
+        super().__init__()
+        self.policy = policy
+        self.value_head = nn.Linear(policy.cfg.d_model, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.policy.hidden_states(rows[:, :-1])
+        return self.policy.lm_head(hidden).float(), self.value_head(hidden).squeeze(-1).float()
+
+
+@dataclass
+class PPOConfig:
+    base: str = "runs/arith-sft"  # the policy starts here; the reference stays here
+    reward_model: str = "runs/arith-rm"  # a `lmforge reward train` run
+    task: str = "add:digits=3"  # prompts (train split) and the true grader for held-out evaluation only
+    name: str | None = None
+    runs_dir: str = "runs"
+    resume: bool = False
+    prompts_per_rollout: int = 32
+    minibatch: int = 8
+    ppo_epochs: int = 2
+    temperature: float = 1.0
+    max_new_tokens: int = 8
+    beta: float = 0.05  # KL coefficient (initial, when adaptive)
+    target_kl: float | None = None  # adapt β towards this KL per response (None: fixed β)
+    kl_horizon: int = 10_000
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    whiten_rewards: bool = False
+    eval_n: int = 200
+    seed: int = 0
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=100,
+            batch_size=1,
+            lr=1e-5,
+            min_lr=1e-6,
+            warmup_steps=5,
+            eval_every=20,
+            checkpoint_every=50,
+            weight_decay=0.0,
+        )  # fmt: skip
+    )
+    model: ModelConfig | None = None
+
+    def validate(self) -> None:
+        if self.prompts_per_rollout % self.minibatch:
+            raise ValueError(f"prompts_per_rollout ({self.prompts_per_rollout}) must be a multiple of minibatch "
+                             f"({self.minibatch})")  # fmt: skip
+        if self.beta < 0:
+            raise ValueError(f"beta must be ≥ 0, got {self.beta}")
+
+    @property
+    def steps_per_rollout(self) -> int:
+        return self.ppo_epochs * self.prompts_per_rollout // self.minibatch
+
+
+class AdaptiveKL:
+    """β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n/horizon) (Ziegler et al. 2019, §2.2); fixed when target is None."""
+
+    def __init__(self, beta: float, target: float | None, horizon: int):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target is not None:
+            error = max(-0.2, min(0.2, kl / self.target - 1))
+            self.beta *= 1 + error * n / self.horizon
+
+
+@dataclass
+class PPOBatch:
+    rows: torch.Tensor
+    mask: torch.Tensor  # [B, L-1] response tokens
+    old_logp: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    metrics: dict
+
+
+def ppo_loss(clip: float, value_clip: float, vf_coef: float):
+    def loss_fn(model: PolicyWithValue, b: PPOBatch):
+        logits, values = model(b.rows)
+        logp_all = F.log_softmax(logits, -1)
+        logp = torch.gather(logp_all, 2, b.rows[:, 1:, None]).squeeze(2)
+        policy_loss, clip_fraction = ppo_policy_loss(logp, b.old_logp, b.advantages, b.mask, clip)
+        value_loss = ppo_value_loss(values, b.old_values, b.returns, b.mask, value_clip)
+        entropy = masked_mean(-(logp_all.exp() * logp_all).sum(-1), b.mask)
+        metrics = {**b.metrics, "clip_fraction": clip_fraction.item(), "value_loss": value_loss.item(),
+                   "entropy": entropy.item(), "policy_loss": policy_loss.item()}  # fmt: skip
+        return policy_loss + vf_coef * value_loss, metrics
+
+    return loss_fn
+
+
+def run(cfg: PPOConfig) -> RunDir:
+    from lmforge.data.tasks import examples, get_task
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.artifacts import load_run_model
+    from lmforge.train.checkpoint import save_checkpoint
+    from lmforge.train.task_eval import greedy_replies
+
+    from .reward import load_reward_model, score
+
+    cfg.validate()
+    policy, tok_path, base_cfg = load_run_model(cfg.base)
+    tokenizer = Tokenizer.load(tok_path)
+    reward_model, rm_tokenizer = load_reward_model(cfg.reward_model)
+    if rm_tokenizer.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"the reward model's tokenizer ({rm_tokenizer.vocab_size} tokens) is not the policy's "
+                         f"({tokenizer.vocab_size}): train it from the same SFT run")  # fmt: skip
+    reward_model.requires_grad_(False)
+    cfg.model = base_cfg.model
+    task = get_task(cfg.task)
+    steps_per_rollout = cfg.steps_per_rollout
+    n_rollouts = -(-cfg.train.steps // steps_per_rollout)
+    pool = prompt_pool(task, max(cfg.prompts_per_rollout * n_rollouts, 1000), cfg.seed)
+    reference = None if cfg.lora.enabled else copy.deepcopy(policy).eval().requires_grad_(False)
+    if cfg.lora.enabled:
+        apply_lora(policy, cfg.lora)  # the reference is the policy with its adapters off: no second copy
+    model = PolicyWithValue(policy)
+    kl_control = AdaptiveKL(cfg.beta, cfg.target_kl, cfg.kl_horizon)
+    run_dir = RunDir.create(cfg.runs_dir, cfg.name, cfg, resume=cfg.resume)
+    atomic_write_bytes(run_dir.path / "tokenizer.json", tok_path.read_bytes())
+    cache: dict[int, tuple[PPOBatch, list[int]]] = {}
+
+    def reference_logp(rows):
+        with torch.no_grad():
+            if reference is not None:
+                return token_logprobs(reference, rows)
+            with adapters_disabled(policy):
+                return token_logprobs(policy, rows)
+
+    @torch.no_grad()
+    def make_rollout(key: int) -> PPOBatch:
+        rng = random.Random(cfg.seed * 1_000_003 + key)
+        chosen = rng.sample(pool, cfg.prompts_per_rollout)
+        out = rollout(policy, tokenizer, [e.prompt_messages() for e in chosen], n=1, temperature=cfg.temperature,
+                      max_new_tokens=cfg.max_new_tokens, seed=key)  # fmt: skip
+        mask = out.mask[:, 1:].float()
+        logits, values = model(out.rows)
+        old_logp = torch.gather(F.log_softmax(logits, -1), 2, out.rows[:, 1:, None]).squeeze(2)
+        ref_logp = reference_logp(out.rows)
+        scores = reward_model(out.rows, out.last)
+        k1 = kl_k1(old_logp, ref_logp) * mask
+        rewards = -kl_control.beta * k1  # the per-token KL penalty, as in InstructGPT
+        rewards[torch.arange(len(out)), out.last - 1] += scores  # the score lands on the last response token
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, values * mask, mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask)
+        kl_seq = k1.sum(1).mean().item()
+        true = sum(task.grade(chosen[i], t) for i, t in zip(out.prompt_index, out.texts))  # logged, never a reward
+        metrics = {"reward": scores.mean().item(), "kl": kl_seq,
+                   "kl_k3": (kl_k3(old_logp, ref_logp) * mask).sum(1).mean().item(), "beta": kl_control.beta,
+                   "response_len": mask.sum(1).mean().item(), "true_reward": true / len(out)}  # fmt: skip
+        kl_control.update(kl_seq, len(out))
+        return PPOBatch(out.rows, mask, old_logp, values * mask, advantages, returns, metrics)
+
+    def batch_fn(step: int, micro: int, n_micro: int) -> PPOBatch:
+        key, k = divmod(step, steps_per_rollout)
+        if key not in cache:
+            cache.clear()
+            perms = [torch.randperm(cfg.prompts_per_rollout, generator=torch.Generator().manual_seed(key * 31 + e))
+                     for e in range(cfg.ppo_epochs)]  # fmt: skip
+            cache[key] = (make_rollout(key), torch.cat(perms).tolist())
+        full, order = cache[key]
+        idx = order[k * cfg.minibatch : (k + 1) * cfg.minibatch]
+        pick = {f: getattr(full, f)[idx] for f in ("rows", "mask", "old_logp", "old_values", "advantages", "returns")}
+        return PPOBatch(**pick, metrics=full.metrics)
+
+    held = examples(task, "heldout", cfg.eval_n, seed=cfg.seed)
+    held_ids = [tokenizer.render_chat(e.prompt_messages(), add_generation_prompt=True)[0] for e in held]
+
+    @torch.no_grad()
+    def eval_fn(m) -> dict[str, float]:
+        """True accuracy (the grader) and the reward model's score of greedy held-out answers: the gap between
+        the two over training is where reward hacking shows."""
+        replies = greedy_replies(policy, tokenizer, held_ids, max_new_tokens=cfg.max_new_tokens)
+        texts = [r.text for r in replies]
+        m.train()
+        return {
+            "heldout_accuracy": sum(task.grade(e, t) for e, t in zip(held, texts)) / len(held),
+            "heldout_rm_score": score(reward_model, tokenizer, [e.prompt for e in held], texts).mean().item(),
+        }
+
+    print(f"PPO on {task.spec()} with reward model {cfg.reward_model}: {cfg.prompts_per_rollout} prompts a rollout, "
+          f"{cfg.ppo_epochs} epochs of minibatches of {cfg.minibatch}")  # fmt: skip
+    loss_fn = ppo_loss(cfg.clip, cfg.value_clip, cfg.vf_coef)
+    trainer = Trainer(model, cfg.train, run_dir, batch_fn=batch_fn, loss_fn=loss_fn, eval_fn=eval_fn,
+                      tokens_fn=lambda b: int(b.mask.sum()), resume=cfg.resume)  # fmt: skip
+    trainer.fit()
+    if cfg.lora.enabled:
+        save_adapters(policy, run_dir.path / "adapters.safetensors", cfg.lora)
+        merge_lora(policy)
+    # Later stages load the run like a pretraining run: the last checkpoint keeps the policy alone.
+    save_checkpoint(run_dir.checkpoints, trainer.step, policy, {"step": trainer.step},
+                    keep=cfg.train.keep_checkpoints, info={"ppo": "policy only"})  # fmt: skip
+    return run_dir

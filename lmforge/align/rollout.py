@@ -1,0 +1,64 @@
+"""Rollouts for RL fine-tuning: sample responses to chat prompts with the inference engine (continuous
+batching, `n` samples per prompt sharing the prompt's KV blocks), then lay prompt + response out as training
+rows with the response mask.
+
+    batch = rollout(policy, tokenizer, prompts, n=8, temperature=1.0, max_new_tokens=8, seed=step)
+    batch.rows, batch.mask, batch.texts            # [B·n, L] ids, [B·n, L] 1 on response tokens, decoded texts
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.infer.engine import Engine
+from lmforge.infer.sampling import SamplingParams
+
+from .pairs import pad
+
+
+@dataclass
+class Rollout:
+    rows: torch.Tensor  # [B, L] prompt + response, right-padded
+    mask: torch.Tensor  # [B, L] 1 on response tokens (those sampled, incl. the closing <|end|>)
+    last: torch.Tensor  # [B] index of each row's last token
+    texts: list[str]  # decoded responses, without specials
+    prompt_index: list[int]  # which prompt each row answers
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, prompts: list[list[dict]], *, n: int = 1, temperature: float = 1.0,
+            max_new_tokens: int = 16, seed: int = 0, top_p: float = 1.0) -> Rollout:  # fmt: skip
+    """`n` sampled responses to each chat prompt (a list of messages ending with the user's turn)."""
+    was_training = model.training
+    end = tokenizer.token_to_id("<|end|>")
+    ids = [tokenizer.render_chat(p, add_generation_prompt=True)[0] for p in prompts]
+    blocks = sum(-(-(len(i) + max_new_tokens) // 16) for i in ids) * n + 16
+    engine = Engine(model, num_blocks=blocks, max_batch=max(len(ids) * n, 1), vocab_size=tokenizer.vocab_size,
+                    token_budget=max(512, sum(map(len, ids))))  # fmt: skip
+    stops = (end, tokenizer.eos_id)
+    params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                             seed=seed * 100_003 + i, stop_ids=stops) for i in range(len(ids))]  # fmt: skip
+    requests = engine.generate(ids, params)
+    seqs, texts, index = [], [], []
+    for i, (prompt, req) in enumerate(zip(ids, requests)):
+        for s in sorted(req.seqs, key=lambda s: s.index):
+            seqs.append((prompt + s.output, [0] * len(prompt) + [1] * len(s.output)))
+            texts.append(tokenizer.decode([t for t in s.output if t not in (end, tokenizer.eos_id)],
+                                          skip_special=True))  # fmt: skip
+            index.append(i)
+    model.train(was_training)
+    rows, mask, last = pad(seqs, tokenizer.pad_id, max_len=10**9)
+    return Rollout(rows, mask, last, texts, index)
+
+
+def prompt_pool(task, n: int, seed: int) -> list:
+    """Up to `n` distinct train-split examples of `task` (all of them when the task has fewer)."""
+    from lmforge.data.tasks import HELDOUT_FRACTION, examples
+
+    # the split is decided by a hash, so its exact size is unknown: ask for at most 90% of its expected size
+    return examples(task, "train", min(n, int(task.size() * (1 - HELDOUT_FRACTION) * 0.9)), seed=seed)

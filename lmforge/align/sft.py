@@ -1,0 +1,179 @@
+"""Supervised fine-tuning: chat-formatted examples, the loss on the assistant's tokens only, packing, full
+fine-tuning or LoRA, through the one training loop.
+
+    lmforge sft --config configs/sft/arith.yaml base=runs/arith-base name=arith-sft
+    lmforge sft --config configs/sft/arith.yaml lora.enabled=true lora.rank=8          # adapters only
+    lmforge sft --config configs/sft/arith.yaml data=chats.jsonl                        # {"messages": [...]} lines
+
+Data is a task spec (`task:add:digits=3`, examples from `lmforge.data.tasks`, held-out prompts never trained
+on) or a JSONL file of conversations. Each conversation is rendered with the tokenizer's chat template; the
+loss mask is 1 on assistant content and its closing <|end|> (`Tokenizer.render_chat`).
+
+The run folder holds config.yaml (with the base model's `model` section, so every later stage loads it like a
+pretraining run), metrics.jsonl, checkpoints, tokenizer.json, and with LoRA `adapters.safetensors` (the
+adapters alone). A finished LoRA run's last checkpoint holds the merged weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.model import ModelConfig
+from lmforge.runs import RunDir, atomic_write_bytes
+from lmforge.train.loop import TrainConfig, Trainer
+
+from .lora import LoRAConfig, apply_lora, finish_lora_run
+
+
+@dataclass
+class SFTConfig:
+    base: str = "runs/tiny"  # the run folder fine-tuned
+    data: str = "task:add:digits=3"  # task:SPEC or a JSONL file of {"messages": [...]}
+    name: str | None = None
+    runs_dir: str = "runs"
+    resume: bool = False
+    n_train: int = 20_000  # examples drawn from a task (its train split)
+    n_val: int = 500  # held-out examples (task held-out split, or the JSONL's last ones) for the val loss
+    seq_len: int | None = None  # packed window; None: the base model's max_seq_len
+    packing: bool = True  # concatenate conversations into full windows (no padding); else one per row
+    seed: int = 0
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=300, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=20, eval_every=100, checkpoint_every=100
+        )  # fmt: skip
+    )
+    model: ModelConfig | None = None  # copied from the base run; not set by hand
+
+    def validate(self) -> None:
+        if self.n_train <= 0 or self.n_val < 0:
+            raise ValueError(f"n_train must be positive and n_val ≥ 0, got {self.n_train} and {self.n_val}")
+
+
+# ---- data -----------------------------------------------------------------------------------------------
+
+
+def conversations(cfg: SFTConfig) -> tuple[list[list[dict]], list[list[dict]]]:
+    """(train, val) conversations from a task spec or a JSONL file."""
+    if cfg.data.startswith("task:"):
+        from lmforge.data.tasks import examples, get_task
+
+        task = get_task(cfg.data.removeprefix("task:"))
+        train = [e.messages() for e in examples(task, "train", cfg.n_train, seed=cfg.seed)]
+        val = [e.messages() for e in examples(task, "heldout", cfg.n_val, seed=cfg.seed)] if cfg.n_val else []
+        return train, val
+    from lmforge.data.tasks import load_jsonl_messages
+
+    path = Path(cfg.data)
+    if not path.is_file():
+        raise FileNotFoundError(f"no SFT data at {path}: give task:SPEC (e.g. task:add:digits=3) or a JSONL file")
+    chats = load_jsonl_messages(path)
+    n_val = min(cfg.n_val, len(chats) // 10)  # keep ≥ 90% for training on small files
+    return chats[: len(chats) - n_val], chats[len(chats) - n_val :]
+
+
+def render(tokenizer, chats: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
+    return [tokenizer.render_chat(c) for c in chats]
+
+
+def pack(rendered: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int, packing: bool = True):
+    """Rows of seq_len + 1 tokens and their loss masks, as [M, seq_len + 1] tensors.
+
+    Packing concatenates every conversation (each starts with <|bos|>) and cuts the stream into windows, so
+    no compute is spent on padding; a conversation may straddle two windows, and attention may look back
+    into the previous conversation of its window (as in GPT-style packing; the mask keeps the loss on the
+    assistant's tokens only). Without packing each conversation is one row, padded (mask 0) or cut."""
+    if packing:
+        ids = [t for r in rendered for t in r[0]]
+        mask = [m for r in rendered for m in r[1]]
+        n = (len(ids) - 1) // seq_len
+        if n == 0:
+            raise ValueError(f"the data has {len(ids)} tokens, fewer than one window of {seq_len + 1}")
+        x = torch.tensor(ids[: n * seq_len + 1])
+        m = torch.tensor(mask[: n * seq_len + 1])
+        starts = torch.arange(n) * seq_len
+        window = starts[:, None] + torch.arange(seq_len + 1)
+        return x[window], m[window]
+    rows = torch.full((len(rendered), seq_len + 1), pad_id, dtype=torch.long)
+    masks = torch.zeros(len(rendered), seq_len + 1, dtype=torch.long)
+    for i, (ids, mask) in enumerate(rendered):
+        ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
+        rows[i, : len(ids)], masks[i, : len(mask)] = torch.tensor(ids), torch.tensor(mask)
+    return rows, masks
+
+
+def masked_lm_loss(model, batch) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions whose *target* has mask 1 (the assistant's tokens)."""
+    rows, masks = batch
+    x, y, weight = rows[:, :-1], rows[:, 1:], masks[:, 1:].float()
+    logits = model(x)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+    return (loss * weight.reshape(-1)).sum() / weight.sum().clamp(min=1)
+
+
+# ---- run ------------------------------------------------------------------------------------------------
+
+
+def run(cfg: SFTConfig) -> RunDir:
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.artifacts import load_run_model
+    from lmforge.train.checkpoint import latest_checkpoint
+
+    cfg.validate()
+    model, tok_path, base_cfg = load_run_model(cfg.base)
+    tokenizer = Tokenizer.load(tok_path)
+    cfg.model = base_cfg.model
+    seq_len = cfg.seq_len or cfg.model.max_seq_len
+    train_chats, val_chats = conversations(cfg)
+    train_rows = pack(render(tokenizer, train_chats), seq_len, tokenizer.pad_id, cfg.packing)
+    val_rows = pack(render(tokenizer, val_chats), seq_len, tokenizer.pad_id, cfg.packing) if val_chats else None
+
+    if cfg.lora.enabled:
+        wrapped = apply_lora(model, cfg.lora)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        print(f"LoRA rank {cfg.lora.rank} on {len(wrapped)} layers: {trainable:,} of {total:,} parameters train")
+    run_dir = RunDir.create(cfg.runs_dir, cfg.name, cfg, resume=cfg.resume)
+    atomic_write_bytes(run_dir.path / "tokenizer.json", Path(tok_path).read_bytes())
+    if cfg.resume and cfg.lora.enabled:
+        last = latest_checkpoint(run_dir.checkpoints)
+        if last is not None and "merged" in (last / "info.json").read_text():
+            raise FileExistsError(f"{run_dir.path} is a finished LoRA run (its last checkpoint is merged): "
+                                  "start a new run with base=" + str(run_dir.path))  # fmt: skip
+    tcfg = cfg.train
+    micro_rows = tcfg.micro_batch_size or tcfg.batch_size
+
+    def batch_fn(step: int, micro: int, n_micro: int):
+        # A fixed permutation per epoch, the same whatever the micro-batching (exact resume needs only step).
+        per_epoch = len(train_rows[0]) // tcfg.batch_size or 1
+        epoch, k = divmod(step, per_epoch)
+        order = torch.randperm(len(train_rows[0]), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        idx = order[(k * tcfg.batch_size + micro * micro_rows) % len(order) :][:micro_rows]
+        if len(idx) < micro_rows:  # fewer rows than a batch: wrap around
+            idx = order[torch.arange(micro_rows) % len(order)]
+        return train_rows[0][idx], train_rows[1][idx]
+
+    def eval_fn(m) -> dict[str, float]:
+        if val_rows is None:
+            return {}
+        total, weight = 0.0, 0.0
+        with torch.no_grad():
+            for i in range(0, len(val_rows[0]), 16):
+                batch = (val_rows[0][i : i + 16], val_rows[1][i : i + 16])
+                w = batch[1][:, 1:].sum().item()
+                total, weight = total + masked_lm_loss(m, batch).item() * w, weight + w
+        return {"val_loss": total / max(weight, 1)}
+
+    print(f"SFT on {len(train_chats):,} conversations → {len(train_rows[0]):,} rows of {seq_len + 1} tokens "
+          f"({'packed' if cfg.packing else 'padded'}); base {cfg.base}; run {run_dir.path}")  # fmt: skip
+    trainer = Trainer(model, tcfg, run_dir, batch_fn=batch_fn, loss_fn=masked_lm_loss, eval_fn=eval_fn,
+                      tokens_fn=lambda b: b[0][:, :-1].numel(), flops_per_token=cfg.model.flops_per_token(seq_len),
+                      resume=cfg.resume)  # fmt: skip
+    trainer.fit()
+    if cfg.lora.enabled:
+        finish_lora_run(model, run_dir, trainer.step, cfg.lora, keep=tcfg.keep_checkpoints)
+    return run_dir

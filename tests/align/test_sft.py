@@ -1,0 +1,87 @@
+"""SFT: the assistant-only loss against a hand computation, packing, and end-to-end runs (full and LoRA) from a
+tiny pretrained base, whose run folders later stages load like any other."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.align.sft import SFTConfig, masked_lm_loss, pack
+from lmforge.config import load_config
+from lmforge.model import ModelConfig, Transformer
+
+
+def test_masked_loss_is_the_mean_over_assistant_targets_only():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=20, max_seq_len=8, n_layer=1, d_model=16, n_head=2))
+    rows = torch.randint(0, 20, (2, 7))
+    masks = torch.tensor([[0, 0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0, 1]])
+    logp = F.log_softmax(model(rows[:, :-1]).float(), -1)
+    picked = [-logp[b, t - 1, rows[b, t]] for b in range(2) for t in range(1, 7) if masks[b, t]]
+    expected = torch.stack(picked).mean()  # by hand: targets at masked positions, predicted one step earlier
+    torch.testing.assert_close(masked_lm_loss(model, (rows, masks)), expected)
+
+
+def test_packing_cuts_one_stream_and_padding_keeps_one_conversation_per_row():
+    rendered = [([1, 2, 3, 4], [0, 0, 1, 1]), ([1, 5, 6], [0, 1, 1]), ([1, 7, 8, 9, 10], [0, 0, 0, 1, 1])]
+    x, m = pack(rendered, seq_len=4, pad_id=0)
+    stream = [1, 2, 3, 4, 1, 5, 6, 1, 7, 8, 9, 10]
+    assert x.tolist() == [stream[0:5], stream[4:9]]  # windows of T + 1 overlapping by one token
+    assert m.tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 0, 0]]
+    x, m = pack(rendered, seq_len=4, pad_id=0, packing=False)
+    assert x.tolist() == [[1, 2, 3, 4, 0], [1, 5, 6, 0, 0], [1, 7, 8, 9, 10]]
+    assert m[1].tolist() == [0, 1, 1, 0, 0]
+    with pytest.raises(ValueError, match="fewer than one window"):
+        pack(rendered[:1], seq_len=8, pad_id=0)
+
+
+def sft_config(root, base, chats, name, *extra):
+    from lmforge.align.sft import SFTConfig
+
+    overrides = [f"base={base}", f"data={chats}", f"runs_dir={root / 'runs'}", f"name={name}", "n_val=40",
+                 "train.steps=6", "train.batch_size=4", "train.warmup_steps=1", "train.eval_every=3",
+                 "train.checkpoint_every=3", "train.progress=false", "train.precision=fp32", *extra]  # fmt: skip
+    return load_config(SFTConfig, None, overrides)
+
+
+def test_full_sft_run_loads_like_a_pretraining_run(base_run):
+    from lmforge.align.sft import run
+    from lmforge.infer.loading import load_for_inference
+
+    root, base, chats, _ = base_run
+    run_dir = run(sft_config(root, base, chats, "full"))
+    rows = run_dir.read_metrics()
+    assert rows[-1]["step"] == 6 and "val_loss" in rows[-1]
+    model, tok = load_for_inference(run_dir.path)  # config.yaml carries the base's model section
+    base_model, _ = load_for_inference(base)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, base_model.get_parameter(n))]
+    assert changed  # full fine-tuning moved the weights
+
+
+def test_lora_run_saves_adapters_alone_and_its_last_checkpoint_is_the_merge(base_run):
+    from lmforge.align.lora import load_adapters, merge_lora
+    from lmforge.align.sft import run
+    from lmforge.infer.loading import load_for_inference
+
+    root, base, chats, _ = base_run
+    run_dir = run(sft_config(root, base, chats, "lora", "lora.enabled=true", "lora.rank=2", "train.lr=1e-2"))
+    merged, _ = load_for_inference(run_dir.path)
+    rebuilt, _ = load_for_inference(base)
+    load_adapters(rebuilt, run_dir.path / "adapters.safetensors")
+    merge_lora(rebuilt)
+    for name, p in merged.named_parameters():
+        torch.testing.assert_close(p, rebuilt.get_parameter(name), rtol=1e-6, atol=1e-7)
+    base_model, _ = load_for_inference(base)
+    untouched = [n for n, _ in base_model.named_parameters() if n.rpartition(".")[2] != "weight" or "attn" not in n]
+    for name in untouched:  # everything outside the adapted projections is bit-identical to the base
+        assert torch.equal(merged.get_parameter(name), base_model.get_parameter(name)), name
+
+
+def test_missing_data_is_a_one_line_error(base_run, capsys):
+    from lmforge.cli import main
+
+    root, base, _, _ = base_run
+    assert main(["sft", f"base={base}", f"data={root / 'nope.jsonl'}", f"runs_dir={root / 'runs'}"]) == 2
+    assert "no SFT data" in capsys.readouterr().err
+    assert SFTConfig  # the dataclass is importable without torch work
