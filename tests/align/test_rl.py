@@ -106,11 +106,12 @@ def test_grpo_and_ppo_runs_end_to_end(base_run):
     root, base, _, pairs = base_run
     common = [f"base={base}", f"runs_dir={root / 'runs'}", "train.steps=2", "train.warmup_steps=1",
               "train.eval_every=2", "train.progress=false", "train.precision=fp32", "eval_n=8"]  # fmt: skip
-    grpo_dir = grpo_run(load_config(GRPOConfig, None, [*common, "name=grpo", "task=add:digits=1", "n=4",
-                                                       "prompts_per_step=2", "max_new_tokens=3", "beta=0.04"]))  # fmt: skip
+    grpo = [*common, "name=grpo", "task=add:digits=1", "n=4", "prompts_per_step=2", "max_new_tokens=3", "beta=0.04"]
+    grpo_dir = grpo_run(load_config(GRPOConfig, None, grpo))
     assert {"reward", "kl", "heldout_accuracy"} <= set(grpo_dir.read_metrics()[-1])
-    rm = reward_run(load_config(RewardConfig, None, [f"base={base}", f"data={pairs}", f"runs_dir={root / 'runs'}",
-                                                     "name=rm-ppo", "train.steps=2", "train.progress=false"]))  # fmt: skip
+    rm_args = [f"base={base}", f"data={pairs}", f"runs_dir={root / 'runs'}", "name=rm-ppo", "train.steps=2",
+               "train.progress=false"]  # fmt: skip
+    rm = reward_run(load_config(RewardConfig, None, rm_args))
     ppo_dir = ppo_run(load_config(PPOConfig, None, [*common, "name=ppo", f"reward_model={rm.path}",
                                                     "task=add:digits=1", "prompts_per_rollout=4", "minibatch=2",
                                                     "ppo_epochs=1", "max_new_tokens=3", "target_kl=1.0"]))  # fmt: skip
