@@ -1,5 +1,5 @@
-"""CLI commands of the post-training stage: `lmforge sft`. Heavy imports stay inside the functions, so
-`lmforge --help` does not load torch."""
+"""CLI commands of the post-training stage: `lmforge sft`, `prefs collect|agreement`, `reward train|score`,
+`dpo`, `grpo` and `ppo`. Heavy imports stay inside the functions, so `lmforge --help` does not load torch."""
 
 from __future__ import annotations
 
@@ -47,3 +47,60 @@ def prefs(args: argparse.Namespace) -> None:
         from lmforge.align.agreement import agreement, format_agreement
 
         print(format_agreement(agreement(args.files)))
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p)
+    p.add_argument("--resume", action="store_true", help="continue the run of the same name from its last checkpoint")
+
+
+def _run_stage(module: str, config: str, args: argparse.Namespace) -> None:
+    import importlib
+
+    stage = importlib.import_module(f"lmforge.align.{module}")
+    cfg = config_from_args(getattr(stage, config), args)
+    cfg.resume = cfg.resume or args.resume
+    try:
+        run_dir = stage.run(cfg)
+    except ValueError as e:  # bad data or options found once the inputs are read: one line
+        from lmforge.config import ConfigError
+
+        raise ConfigError(str(e)) from None
+    print(f"run folder: {run_dir.path}")
+
+
+def _reward_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="reward_command", metavar="<subcommand>", title="subcommands", required=True)
+    _train_args(sub.add_parser("train", help="train a Bradley-Terry reward model on preference pairs"))
+    score = sub.add_parser("score", help="score (prompt, response) pairs with a trained reward model")
+    score.add_argument("run", help="a reward model's run folder")
+    score.add_argument("--prompt", required=True)
+    score.add_argument("--response", action="append", required=True, help="repeatable: each is scored")
+
+
+@command("reward", help="reward model: train on preference pairs, or score responses", arguments=_reward_args)
+def reward(args: argparse.Namespace) -> None:
+    if args.reward_command == "train":
+        _run_stage("reward", "RewardConfig", args)
+        return
+    from lmforge.align.reward import load_reward_model, score
+
+    model, tok = load_reward_model(args.run)
+    for response, r in zip(args.response, score(model, tok, [args.prompt] * len(args.response), args.response)):
+        print(f"{r.item():+.4f}  {response}")
+
+
+@command("dpo", help="direct preference optimisation (or IPO) from an SFT run on preference pairs",
+         arguments=_train_args)  # fmt: skip
+def dpo(args: argparse.Namespace) -> None:
+    _run_stage("dpo", "DPOConfig", args)
+
+
+@command("grpo", help="GRPO: group-normalised policy gradient with a program's reward", arguments=_train_args)
+def grpo(args: argparse.Namespace) -> None:
+    _run_stage("grpo", "GRPOConfig", args)
+
+
+@command("ppo", help="PPO with a learned reward model and a per-token KL penalty", arguments=_train_args)
+def ppo(args: argparse.Namespace) -> None:
+    _run_stage("ppo", "PPOConfig", args)

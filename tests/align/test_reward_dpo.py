@@ -88,3 +88,20 @@ def test_reward_and_dpo_runs_end_to_end(base_run):
     assert {"rewards/accuracy", "val_rewards/accuracy", "val_rewards/margin"} <= set(last)
     policy, _ = load_base(dpo_dir.path)  # loads like any run
     assert policy is not None
+
+
+def test_commands_score_and_refuse_bad_input_in_one_line(base_run, capsys):
+    from lmforge.cli import main
+
+    root, base, _, pairs = base_run
+    args = [f"base={base}", f"data={pairs}", f"runs_dir={root / 'runs'}", "name=rm-cli", "train.steps=1",
+            "train.progress=false"]  # fmt: skip
+    assert main(["reward", "train", *args]) == 0
+    assert main(["reward", "score", str(root / "runs" / "rm-cli"), "--prompt", "What is 1 + 1?", "--response", "2",
+                 "--response", "3"]) == 0  # fmt: skip
+    scores = [line for line in capsys.readouterr().out.splitlines() if line.endswith(("  2", "  3"))]
+    assert len(scores) == 2
+    assert main(["dpo", f"base={base}", f"data={root / 'missing.jsonl'}", f"runs_dir={root / 'runs'}"]) == 2
+    assert "no preference file" in capsys.readouterr().err
+    assert main(["dpo", f"base={base}", f"data={pairs}", f"runs_dir={root / 'runs'}", "beta=-1"]) == 2
+    assert "beta must be positive" in capsys.readouterr().err
