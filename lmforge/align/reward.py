@@ -152,3 +152,17 @@ def score(model: RewardModel, tokenizer, prompts: list[str], responses: list[str
     rows, _, last = pad([render(tokenizer, p, r) for p, r in zip(prompts, responses)], tokenizer.pad_id,
                         max_len or model.cfg.max_seq_len)  # fmt: skip
     return model(rows, last)
+
+
+@torch.no_grad()
+def best_of_n(policy, tokenizer, reward_model: RewardModel, prompts: list[str], *, n: int = 8,
+              temperature: float = 1.0, max_new_tokens: int = 8, seed: int = 0) -> list[str]:  # fmt: skip
+    """For each prompt, `n` samples from the policy and the one the reward model scores highest (Nakano et al.
+    2021; Stiennon et al. 2020): the inference-time baseline that RL must beat."""
+    from .rollout import rollout
+
+    out = rollout(policy, tokenizer, [[{"role": "user", "content": p}] for p in prompts], n=n,
+                  temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
+    scores = score(reward_model, tokenizer, [prompts[i] for i in out.prompt_index], out.texts).view(len(prompts), n)
+    best = scores.argmax(-1)
+    return [out.texts[i * n + int(best[i])] for i in range(len(prompts))]

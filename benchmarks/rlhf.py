@@ -1,0 +1,402 @@
+"""RLHF end to end on a task whose answers can be checked: 2-digit addition in chat form, a tiny char-level model,
+2 CPU cores. Every method starts from the same SFT run and is judged by the task's exact grader on ≥ 1,000
+held-out prompts (greedy), with 95% intervals and the mean KL to the SFT policy.
+
+    python -m benchmarks.rlhf              # main run, ~15 minutes on 2 cores
+    python -m benchmarks.rlhf --sweep      # + PPO and DPO at three β each, for the reward-vs-KL plot
+    python -m benchmarks.rlhf --quick      # a smoke run with tiny budgets (figures meaningless)
+    python -m benchmarks.rlhf --record     # append the headline figures to docs/benchmarks.md
+
+Stages (run folders in runs/rlhf-bench/):
+  base       a 2-layer char model pretrained briefly on the stdlib (it only needs the alphabet)
+  sft        SFT on add:digits=2 for a fixed budget; "sft+" continues it for as many steps as PPO takes — the
+             baseline RL must beat (more SFT is what the RL compute could have bought instead)
+  prefs      two samples per train prompt from the SFT policy, rated by the program grader (ties dropped)
+  rm         Bradley–Terry reward model from the SFT run; pairwise accuracy on pairs from held-out prompts where
+             both answers are well-formed, against a length baseline and an SFT-log-prob baseline
+  ppo        PPO with the learned reward model and a per-token KL penalty
+  dpo        DPO on the same pairs
+  grpo       GRPO with the program's reward (8 samples a prompt)
+  best-of-n  8 samples a prompt, the reward model picks (no training)
+Plots (docs/img/): the reward model's score against true accuracy during PPO (reward hacking shows as a gap),
+and, with --sweep, accuracy and reward against KL for PPO and DPO across β.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import Table, command_line, environment, format_environment, record, verdict
+from lmforge.config import load_config
+
+ROOT = Path("runs/rlhf-bench")
+TASK = "add:digits=2"
+DATA = "data/python-stdlib-char"
+
+
+def budgets(quick: bool) -> dict:
+    if quick:
+        return dict(base=20, sft=600, rl=8, prompts=300, rm=20, eval_n=100, grpo_prompts=4)
+    return dict(base=300, sft=3000, rl=120, prompts=5000, rm=400, eval_n=1000, grpo_prompts=8)
+
+
+def stage(name: str):
+    print(f"\n== {name}", flush=True)
+    return time.perf_counter()
+
+
+def common(name: str, steps: int) -> list[str]:
+    return [f"runs_dir={ROOT}", f"name={name}", f"train.steps={steps}", "train.progress=false", "train.precision=fp32"]
+
+
+def accuracy(run_or_model, tok, n: int, texts: list[str] | None = None) -> dict:
+    """Held-out greedy exact match of a run (or the given replies) with a Wilson 95% interval."""
+    from lmforge.data.tasks import exact_match_interval, examples, get_task
+    from lmforge.infer.loading import load_for_inference
+    from lmforge.train.task_eval import evaluate_tasks
+
+    task = get_task(TASK)
+    if texts is not None:
+        held = examples(task, "heldout", n)
+        correct = sum(task.grade(e, t) for e, t in zip(held, texts))
+        rate, lo, hi = exact_match_interval(correct, n)
+        return {"accuracy": rate, "ci95": [lo, hi], "n": n}
+    model = run_or_model if not isinstance(run_or_model, (str, Path)) else load_for_inference(run_or_model)[0]
+    r = evaluate_tasks(model, tok, task, n=n, progress=False)
+    return {"accuracy": r["accuracy"], "ci95": r["ci95"], "n": n}
+
+
+@torch.no_grad()
+def kl_to(policy, reference, tok, n: int = 200, max_new_tokens: int = 6) -> float:
+    """Mean over held-out prompts of Σ_t log π/π_ref on responses sampled from π at T = 1 (k1, per sequence)."""
+    from lmforge.align.losses import token_logprobs
+    from lmforge.align.rollout import rollout
+    from lmforge.data.tasks import examples, get_task
+
+    held = examples(get_task(TASK), "heldout", n)
+    out = rollout(
+        policy,
+        tok,
+        [e.prompt_messages() for e in held],
+        n=1,
+        temperature=1.0,
+        max_new_tokens=max_new_tokens,
+        seed=12345,
+    )
+    mask = out.mask[:, 1:].float()
+    return ((token_logprobs(policy, out.rows) - token_logprobs(reference, out.rows)) * mask).sum(1).mean().item()
+
+
+def reward_model_figures(rm_run: Path, sft_run: Path, pairs: list[dict]) -> dict:
+    """Pairwise accuracy of the reward model and of two baselines on held-out pairs with well-formed answers."""
+    from lmforge.align.losses import sequence_logprob
+    from lmforge.align.pairs import collate
+    from lmforge.align.reward import load_reward_model, split_by_prompt
+    from lmforge.data.tasks import get_task
+    from lmforge.infer.loading import load_for_inference
+
+    task = get_task(TASK)
+    _, val = split_by_prompt(pairs, 0.1, 0)  # the reward model's own held-out prompts
+    val = [p for p in val if task.well_formed(p["chosen"]) and task.well_formed(p["rejected"])]
+    rm, tok = load_reward_model(rm_run)
+    sft, _ = load_for_inference(sft_run)
+    rm_ok = length_ok = logp_ok = 0
+    for i in range(0, len(val), 64):
+        b = collate(tok, val[i : i + 64], 64)
+        with torch.no_grad():
+            rm_ok += int((rm(b.chosen, b.chosen_last) > rm(b.rejected, b.rejected_last)).sum())
+            logp_ok += int(
+                (
+                    sequence_logprob(sft, b.chosen, b.chosen_mask) > sequence_logprob(sft, b.rejected, b.rejected_mask)
+                ).sum()
+            )
+        length_ok += sum(len(p["chosen"]) > len(p["rejected"]) for p in val[i : i + 64])
+    n = max(len(val), 1)
+    return {"pairs": len(val), "rm": rm_ok / n, "length": length_ok / n, "sft_logprob": logp_ok / n}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run")
+    parser.add_argument("--sweep", action="store_true", help="also PPO and DPO at β ∈ {0.02, 0.1, 0.5}")
+    parser.add_argument("--record", action="store_true", help="append the headline figures to docs/benchmarks.md")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    b = budgets(args.quick)
+    from lmforge.align import dpo, grpo, ppo, reward, sft
+    from lmforge.align.preferences import PrefsConfig, collect, read_records, to_training_pairs
+    from lmforge.infer.loading import load_for_inference
+    from lmforge.train.pretrain import PretrainConfig
+    from lmforge.train.pretrain import run as pretrain
+
+    print(format_environment(environment()))
+    if not Path(DATA, "meta.json").is_file():
+        raise SystemExit(f"prepare the corpus first: lmforge prepare --config configs/data/stdlib-char.yaml ({DATA})")
+    shutil.rmtree(ROOT, ignore_errors=True)
+    seconds: dict[str, float] = {}
+
+    t = stage("base: a 2-layer char model, briefly pretrained")
+    pretrain(
+        load_config(
+            PretrainConfig,
+            None,
+            [
+                f"data={DATA}",
+                *common("base", b["base"]),
+                "model.n_layer=2",
+                "model.d_model=64",
+                "model.n_head=2",
+                "model.max_seq_len=128",
+                "model.position=rope",
+                "model.ffn=swiglu",
+                "model.norm=rmsnorm",
+                "model.bias=false",
+                "train.batch_size=16",
+                "train.lr=3e-3",
+                "eval.batches=2",
+            ],
+        )
+    )
+    seconds["base"] = time.perf_counter() - t
+
+    t = stage(f"sft: {TASK}, {b['sft']} steps")
+    sft_args = [
+        f"base={ROOT / 'base'}",
+        f"data=task:{TASK}",
+        "n_train=8000",
+        "seq_len=128",
+        "train.lr=3e-3",
+        "train.min_lr=3e-4",
+        "train.batch_size=16",
+        f"train.eval_every={b['sft']}",
+    ]
+    sft.run(load_config(sft.SFTConfig, None, [*sft_args, *common("sft", b["sft"])]))
+    seconds["sft"] = time.perf_counter() - t
+    policy, tok = load_for_inference(ROOT / "sft")
+    results = {"sft": accuracy(policy, tok, b["eval_n"])}
+    print(f"SFT held-out accuracy {results['sft']['accuracy']:.1%}")
+
+    t = stage(f"sft+: SFT continued for {b['rl']} more steps (the baseline)")
+    cont = [
+        f"base={ROOT / 'sft'}",
+        f"data=task:{TASK}",
+        "n_train=8000",
+        "seq_len=128",
+        "train.lr=3e-4",
+        "train.min_lr=3e-4",
+        "train.warmup_steps=0",
+        "train.batch_size=16",
+        f"train.eval_every={b['rl']}",
+    ]
+    sft.run(load_config(sft.SFTConfig, None, [*cont, *common("sft-continued", b["rl"]), "seed=1"]))
+    results["sft+"] = accuracy(ROOT / "sft-continued", tok, b["eval_n"])
+    seconds["sft+"] = time.perf_counter() - t
+
+    t = stage(f"prefs: {b['prompts']} train prompts × 2 samples, rated by the grader")
+    prefs_path = ROOT / "prefs.jsonl"
+    collect(
+        PrefsConfig(
+            policy=str(ROOT / "sft"),
+            prompts=f"task:{TASK}",
+            n_prompts=b["prompts"],
+            out=str(prefs_path),
+            rater=f"program:{TASK}",
+            max_new_tokens=6,
+            temperature_a=1.0,
+            temperature_b=1.0,
+        )
+    )
+    pairs = to_training_pairs(read_records(prefs_path))
+    seconds["prefs"] = time.perf_counter() - t
+    print(f"{len(pairs)} non-tie pairs")
+
+    t = stage("rm: Bradley–Terry reward model")
+    rm_args = [
+        f"base={ROOT / 'sft'}",
+        f"data={prefs_path}",
+        "train.batch_size=32",
+        "train.lr=1e-3",
+        "train.min_lr=1e-4",
+        f"train.eval_every={b['rm']}",
+        "max_len=64",
+    ]
+    reward.run(load_config(reward.RewardConfig, None, [*rm_args, *common("rm", b["rm"])]))
+    rm_fig = reward_model_figures(ROOT / "rm", ROOT / "sft", pairs)
+    seconds["rm"] = time.perf_counter() - t
+
+    sft_model = load_for_inference(ROOT / "sft")[0]
+
+    def run_ppo(beta: float, name: str) -> None:
+        ppo_args = [
+            f"base={ROOT / 'sft'}",
+            f"reward_model={ROOT / 'rm'}",
+            f"task={TASK}",
+            f"beta={beta}",
+            "prompts_per_rollout=64",
+            "minibatch=16",
+            "ppo_epochs=2",
+            "max_new_tokens=6",
+            "train.lr=1e-4",
+            "train.min_lr=1e-5",
+            f"train.eval_every={max(b['rl'] // 5, 1)}",
+            f"eval_n={min(b['eval_n'], 300)}",
+        ]
+        ppo.run(load_config(ppo.PPOConfig, None, [*ppo_args, *common(name, b["rl"])]))
+        pol = load_for_inference(ROOT / name)[0]
+        results[name] = {**accuracy(pol, tok, b["eval_n"]), "kl": kl_to(pol, sft_model, tok), "beta": beta}
+
+    def run_dpo(beta: float, name: str) -> None:
+        dpo_args = [
+            f"base={ROOT / 'sft'}",
+            f"data={prefs_path}",
+            f"beta={beta}",
+            "train.batch_size=32",
+            "train.lr=1e-4",
+            "train.min_lr=1e-5",
+            f"train.eval_every={b['rl']}",
+            "max_len=64",
+        ]
+        dpo.run(load_config(dpo.DPOConfig, None, [*dpo_args, *common(name, b["rl"])]))
+        pol = load_for_inference(ROOT / name)[0]
+        results[name] = {**accuracy(pol, tok, b["eval_n"]), "kl": kl_to(pol, sft_model, tok), "beta": beta}
+
+    t = stage(f"ppo: {b['rl']} steps, β = 0.05")
+    run_ppo(0.05, "ppo")
+    seconds["ppo"] = time.perf_counter() - t
+    t = stage(f"dpo: {b['rl']} steps, β = 0.1")
+    run_dpo(0.1, "dpo")
+    seconds["dpo"] = time.perf_counter() - t
+
+    t = stage(f"grpo: {b['rl']} steps, 8 samples a prompt")
+    grpo_args = [
+        f"base={ROOT / 'sft'}",
+        f"task={TASK}",
+        "n=8",
+        f"prompts_per_step={b['grpo_prompts']}",
+        "max_new_tokens=6",
+        "train.lr=1e-4",
+        "train.min_lr=1e-5",
+        f"train.eval_every={b['rl']}",
+        f"eval_n={min(b['eval_n'], 300)}",
+    ]
+    grpo.run(load_config(grpo.GRPOConfig, None, [*grpo_args, *common("grpo", b["rl"])]))
+    pol = load_for_inference(ROOT / "grpo")[0]
+    results["grpo"] = {**accuracy(pol, tok, b["eval_n"]), "kl": kl_to(pol, sft_model, tok)}
+    seconds["grpo"] = time.perf_counter() - t
+
+    t = stage("best-of-8 with the reward model")
+    from lmforge.align.reward import best_of_n, load_reward_model
+    from lmforge.data.tasks import examples, get_task
+
+    rm_model, _ = load_reward_model(ROOT / "rm")
+    held = examples(get_task(TASK), "heldout", b["eval_n"])
+    picks = best_of_n(policy, tok, rm_model, [e.prompt for e in held], n=8, max_new_tokens=6)
+    results["best-of-8"] = accuracy(None, tok, b["eval_n"], texts=picks)
+    seconds["best-of-8"] = time.perf_counter() - t
+
+    if args.sweep:
+        for beta in (0.02, 0.1, 0.5):
+            t = stage(f"sweep β = {beta}")
+            run_ppo(beta, f"ppo-beta{beta}")
+            run_dpo(beta, f"dpo-beta{beta}")
+            seconds[f"sweep {beta}"] = time.perf_counter() - t
+
+    report(args, results, rm_fig, seconds, len(pairs))
+
+
+def report(args, results: dict, rm_fig: dict, seconds: dict, n_pairs: int) -> None:
+    base = results["sft+"]["accuracy"]
+    table = Table(["method", "held-out accuracy", "95% interval", "Δ vs SFT+ (points)", "KL to SFT (nats)"])
+    for name, r in results.items():
+        table.add(
+            name,
+            f"{r['accuracy']:.1%}",
+            f"[{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]",
+            f"{100 * (r['accuracy'] - base):+.1f}" if name not in ("sft", "sft+") else "",
+            f"{r['kl']:.2f}" if "kl" in r else "",
+        )
+    print(f"\n{TASK}, greedy, n = {results['sft']['n']} held-out prompts each")
+    print(table.render())
+    rm_ok = rm_fig["rm"] >= 0.85 and rm_fig["rm"] > max(rm_fig["length"], rm_fig["sft_logprob"])
+    ppo_ok = 100 * (results["ppo"]["accuracy"] - base) >= 10
+    dpo_ok = 100 * (results["dpo"]["accuracy"] - base) >= 5
+    print(
+        f"\nreward model: {rm_fig['rm']:.1%} pairwise on {rm_fig['pairs']} held-out well-formed pairs "
+        f"(length {rm_fig['length']:.1%}, SFT log-prob {rm_fig['sft_logprob']:.1%}) from {n_pairs} non-tie pairs: "
+        f"goal ≥ 85% and above both {verdict(rm_ok)}"
+    )
+    print(f"PPO ≥ SFT+ + 10 points: {verdict(ppo_ok)}; DPO ≥ SFT+ + 5 points: {verdict(dpo_ok)}")
+    print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + f" (total {sum(seconds.values()):.0f})")
+    Path(ROOT / "results.json").write_text(
+        json.dumps({"results": results, "reward_model": rm_fig, "seconds": seconds}, indent=1)
+    )
+    plots(args)
+    if args.record and not args.quick:
+        cmd = command_line()
+        for name in ("sft", "sft+", "ppo", "dpo", "grpo", "best-of-8"):
+            r = results[name]
+            record(
+                f"RLHF {TASK}, tiny char model: {name} held-out greedy accuracy (n={r['n']})",
+                f"{r['accuracy']:.1%} [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]"
+                + (f", KL {r['kl']:.2f}" if "kl" in r else ""),
+                cmd,
+            )
+        record(
+            f"RLHF {TASK}: reward model pairwise accuracy, held-out well-formed pairs",
+            f"{rm_fig['rm']:.1%} (length {rm_fig['length']:.1%}, SFT log-prob {rm_fig['sft_logprob']:.1%})",
+            cmd,
+        )
+
+
+def plots(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmforge.runs import read_metrics
+
+    out = Path("docs/img")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in read_metrics(ROOT / "ppo") if "heldout_accuracy" in r]
+    if rows:
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+        steps = [r["step"] for r in rows]
+        ax.plot(steps, [r["heldout_accuracy"] for r in rows], "o-", label="true held-out accuracy (grader)")
+        ax2 = ax.twinx()
+        ax2.plot(steps, [r["heldout_rm_score"] for r in rows], "s--", color="tab:orange", label="reward model score")
+        ax.set_xlabel("PPO step")
+        ax.set_ylabel("accuracy")
+        ax2.set_ylabel("reward model score")
+        ax.set_title("PPO: what the reward model says vs what is true")
+        fig.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / "rlhf_reward_vs_accuracy.png")
+        plt.close(fig)
+    results = json.loads((ROOT / "results.json").read_text())["results"]
+    sweep = {k: v for k, v in results.items() if "beta" in v}
+    if len(sweep) > 2:
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+        for method, marker in (("ppo", "o"), ("dpo", "s")):
+            pts = sorted((v["kl"], v["accuracy"], v["beta"]) for k, v in sweep.items() if k.startswith(method))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker + "-", label=method.upper())
+            for kl, acc, beta in pts:
+                ax.annotate(f"β={beta:g}", (kl, acc), fontsize=7)
+        ax.axhline(results["sft+"]["accuracy"], color="gray", ls=":", label="SFT+")
+        ax.set_xlabel("KL to the SFT policy (nats per response)")
+        ax.set_ylabel("held-out accuracy")
+        ax.set_title("Accuracy vs KL across β")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "rlhf_accuracy_vs_kl.png")
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
