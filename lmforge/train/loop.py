@@ -210,9 +210,10 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 self.step += 1
                 metrics.update(self._speed(metrics.pop("tokens"), dt))
-                if self.eval_fn and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                evaluated = bool(self.eval_fn) and (self.step % cfg.eval_every == 0 or self.step == cfg.steps)
+                if evaluated:
                     metrics.update(self.evaluate())
-                if self.step % cfg.log_every == 0 or "val_loss" in metrics or self.step == cfg.steps:
+                if self.step % cfg.log_every == 0 or evaluated or self.step == cfg.steps:
                     self._record(metrics)
                 last = metrics
                 if bar is not None:

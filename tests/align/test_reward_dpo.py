@@ -105,3 +105,18 @@ def test_commands_score_and_refuse_bad_input_in_one_line(base_run, capsys):
     assert "no preference file" in capsys.readouterr().err
     assert main(["dpo", f"base={base}", f"data={pairs}", f"runs_dir={root / 'runs'}", "beta=-1"]) == 2
     assert "beta must be positive" in capsys.readouterr().err
+
+
+def test_best_of_n_returns_the_sample_the_reward_model_scores_highest(base_run):
+    import lmforge.align.reward as reward_mod
+    from lmforge.align.reward import RewardModel, best_of_n
+    from lmforge.align.rollout import rollout
+
+    _, base, _, _ = base_run
+    policy, tok = load_base(base)
+    rm = RewardModel(load_base(base)[0]).eval()
+    prompts = ["What is 1 + 2?", "What is 3 + 3?"]
+    picks = best_of_n(policy, tok, rm, prompts, n=4, max_new_tokens=3, seed=5)
+    out = rollout(policy, tok, [[{"role": "user", "content": p}] for p in prompts], n=4, max_new_tokens=3, seed=5)
+    scores = reward_mod.score(rm, tok, [prompts[i] for i in out.prompt_index], out.texts).view(2, 4)
+    assert picks == [out.texts[i * 4 + int(scores[i].argmax())] for i in range(2)]

@@ -159,3 +159,12 @@ def test_weight_decay_only_on_matrices():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_every_evaluation_is_logged_even_off_the_logging_steps(run_dir):
+    cfg = TrainConfig(steps=6, batch_size=4, lr=1e-3, min_lr=1e-4, warmup_steps=1, eval_every=3, log_every=10,
+                      precision="fp32", progress=False)  # fmt: skip
+    trainer = Trainer(tiny_model(), cfg, run_dir, batch_fn=batch_fn_for(4), loss_fn=lm_loss,
+                      eval_fn=lambda m: {"heldout_accuracy": 0.5})  # fmt: skip
+    trainer.fit()
+    assert [r["step"] for r in read_metrics(run_dir.path) if "heldout_accuracy" in r] == [3, 6]
