@@ -8,7 +8,6 @@ right-padded into rows for the reward model and DPO.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,23 +17,18 @@ import torch
 def load_pairs(path: str | Path) -> list[dict]:
     """Training pairs from a JSONL of {"prompt", "chosen", "rejected"} or of `lmforge prefs collect` records
     (only those labelled a or b are pairs; ties, both-bad, skips and unlabelled ones are not)."""
+    from lmforge.data.tasks import jsonl_objects
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no preference file {path}: collect one with `lmforge prefs collect`")
     pairs = []
-    with path.open() as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
-            if "label" in record and record.get("label") not in ("a", "b"):
-                continue
-            if not all(isinstance(record.get(k), str) for k in ("prompt", "chosen", "rejected")):
-                raise ValueError(f"{path}:{i}: a pair needs string fields prompt, chosen and rejected")
-            pairs.append({k: record[k] for k in ("prompt", "chosen", "rejected")})
+    for i, record in jsonl_objects(path):
+        if "label" in record and record.get("label") not in ("a", "b"):
+            continue
+        if not all(isinstance(record.get(k), str) for k in ("prompt", "chosen", "rejected")):
+            raise ValueError(f"{path}:{i}: a pair needs string fields prompt, chosen and rejected")
+        pairs.append({k: record[k] for k in ("prompt", "chosen", "rejected")})
     if not pairs:
         raise ValueError(f"{path} holds no labelled pairs")
     return pairs

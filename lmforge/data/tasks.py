@@ -76,6 +76,7 @@ __all__ = [
     "exact_match_interval",
     "examples",
     "get_task",
+    "jsonl_objects",
     "load_jsonl_messages",
     "load_jsonl_preferences",
     "parse_task_list",
@@ -465,7 +466,7 @@ def exact_match_interval(correct: int, n: int, level: float = 0.95) -> tuple[flo
 # ------------------------------------------------------------------------------------------- JSONL data
 
 
-def _jsonl_objects(path: str | Path):
+def jsonl_objects(path: str | Path):
     """(line number, object) for each non-blank line; ValueError naming the line otherwise."""
     path = Path(path)
     if not path.is_file():
@@ -487,7 +488,7 @@ def load_jsonl_messages(path: str | Path) -> list[list[dict]]:
     """Conversations for SFT, one a line: {"messages": [{"role": "user", "content": "..."}, ...]}. Roles are
     system, user, assistant; each conversation needs an assistant turn (something to learn)."""
     conversations = []
-    for number, obj in _jsonl_objects(path):
+    for number, obj in jsonl_objects(path):
         where = f"{path}:{number}"
         messages = obj.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -510,7 +511,7 @@ def load_jsonl_messages(path: str | Path) -> list[list[dict]]:
 def load_jsonl_preferences(path: str | Path) -> list[dict]:
     """Preference pairs, one a line: {"prompt": "...", "chosen": "...", "rejected": "..."}, all strings."""
     pairs = []
-    for number, obj in _jsonl_objects(path):
+    for number, obj in jsonl_objects(path):
         pair = {}
         for key in ("prompt", "chosen", "rejected"):
             if key not in obj:
