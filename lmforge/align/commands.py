@@ -104,3 +104,24 @@ def grpo(args: argparse.Namespace) -> None:
 @command("ppo", help="PPO with a learned reward model and a per-token KL penalty", arguments=_train_args)
 def ppo(args: argparse.Namespace) -> None:
     _run_stage("ppo", "PPOConfig", args)
+
+
+def _cai_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="cai_command", metavar="<stage>", title="stages", required=True)
+    add_config_arguments(sub.add_parser("supervised", help="critique → revise with the constitution, then SFT"))
+    add_config_arguments(sub.add_parser("feedback", help="AI-feedback preference pairs, one principle each"))
+
+
+@command("cai", help="Constitutional AI: critique-and-revise SFT, and AI-feedback pairs for a reward model",
+         arguments=_cai_args)  # fmt: skip
+def cai(args: argparse.Namespace) -> None:
+    from lmforge.align.constitutional import CAIConfig, feedback, supervised
+
+    cfg = config_from_args(CAIConfig, args)
+    if args.cai_command == "supervised":
+        run_dir = supervised(cfg)
+        if run_dir is not None:
+            print(f"run folder: {run_dir.path}")
+    else:
+        summary = feedback(cfg)
+        print(f"pairs: {summary}")
