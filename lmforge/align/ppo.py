@@ -232,6 +232,8 @@ def run(cfg: PPOConfig) -> RunDir:
     trainer = Trainer(model, cfg.train, run_dir, batch_fn=batch_fn, loss_fn=loss_fn, eval_fn=eval_fn,
                       tokens_fn=lambda b: int(b.mask.sum()), resume=cfg.resume)  # fmt: skip
     trainer.fit()
+    if trainer.step < cfg.train.steps:  # stopped by a signal: keep the resumable checkpoint as it is
+        return run_dir
     if cfg.lora.enabled:
         save_adapters(policy, run_dir.path / "adapters.safetensors", cfg.lora)
         merge_lora(policy)

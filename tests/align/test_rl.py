@@ -120,3 +120,49 @@ def test_grpo_and_ppo_runs_end_to_end(base_run):
             "heldout_rm_score"} <= set(last)  # fmt: skip
     policy, _ = load_base(ppo_dir.path)  # the last checkpoint is the policy alone
     assert policy is not None
+
+
+def test_an_interrupted_ppo_run_resumes_exactly(base_run, monkeypatch):
+    from lmforge.align.ppo import PPOConfig
+    from lmforge.align.ppo import run as ppo_run
+    from lmforge.align.reward import RewardConfig
+    from lmforge.align.reward import run as reward_run
+    from lmforge.train.loop import Trainer
+
+    root, base, _, pairs = base_run
+    rm_args = [f"base={base}", f"data={pairs}", f"runs_dir={root / 'runs'}", "name=rm-resume", "train.steps=2",
+               "train.progress=false"]  # fmt: skip
+    rm = reward_run(load_config(RewardConfig, None, rm_args))
+
+    def cfg(name):
+        return load_config(PPOConfig, None, [f"base={base}", f"runs_dir={root / 'runs'}", f"name={name}",
+                                             f"reward_model={rm.path}", "task=add:digits=1", "prompts_per_rollout=4",
+                                             "minibatch=2", "ppo_epochs=1", "max_new_tokens=3", "eval_n=4",
+                                             "train.steps=4", "train.warmup_steps=1", "train.eval_every=100",
+                                             "train.checkpoint_every=100", "train.progress=false",
+                                             "train.precision=fp32", "train.lr=1e-3"])  # fmt: skip
+
+    straight = ppo_run(cfg("ppo-straight"))
+    step = Trainer.train_step
+
+    def interrupted(self):  # as if SIGINT arrived during the second step
+        out = step(self)
+        if self.step == 1:
+            self._stop_signal = 2
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    stopped = ppo_run(cfg("ppo-resumed"))
+    from lmforge.train.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(stopped.checkpoints).name == "step_000002"  # the resumable one, value head included
+    monkeypatch.setattr(Trainer, "train_step", step)
+    resumed_cfg = cfg("ppo-resumed")
+    resumed_cfg.resume = True
+    resumed = ppo_run(resumed_cfg)
+    a, _ = load_base(straight.path)
+    b, _ = load_base(resumed.path)
+    sft, _ = load_base(base)
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), sft.parameters()))  # it did train
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
