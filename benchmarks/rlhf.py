@@ -45,7 +45,7 @@ def budgets(quick: bool) -> dict:
         return dict(task="add:digits=2", base=20, sft=600, rl=8, prompts=300, rm=20, eval_n=100, grpo_prompts=4)
     # 3-digit addition: this model's SFT climbs from ~1% to 67% between 2,000 and 3,000 steps and reaches ~77% at
     # 5,000 (2 digits saturate at 98.7% by 4,000 steps and prove nothing)
-    return dict(task="add:digits=3", base=300, sft=5000, rl=120, prompts=12000, rm=1000, eval_n=1000, grpo_prompts=8)
+    return dict(task="add:digits=3", base=300, sft=5000, rl=120, prompts=12000, rm=3000, eval_n=1000, grpo_prompts=8)
 
 
 def stage(name: str):
@@ -237,7 +237,7 @@ def main() -> None:
         f"data={prefs_path}",
         "train.batch_size=32",
         "train.lr=1e-4",
-        "train.min_lr=1e-4",
+        "train.min_lr=1e-5",
         f"train.eval_every={b['rm']}",
         "max_len=64",
     ]
