@@ -16,19 +16,13 @@ import torch
 
 def load_pairs(path: str | Path) -> list[dict]:
     """Training pairs from a JSONL of {"prompt", "chosen", "rejected"} or of `lmforge prefs collect` records
-    (only those labelled a or b are pairs; ties, both-bad, skips and unlabelled ones are not)."""
-    from lmforge.data.tasks import jsonl_objects
+    (`lmforge.data.tasks.load_jsonl_preferences`), refusing a file without any."""
+    from lmforge.data.tasks import load_jsonl_preferences
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no preference file {path}: collect one with `lmforge prefs collect`")
-    pairs = []
-    for i, record in jsonl_objects(path):
-        if "label" in record and record.get("label") not in ("a", "b"):
-            continue
-        if not all(isinstance(record.get(k), str) for k in ("prompt", "chosen", "rejected")):
-            raise ValueError(f"{path}:{i}: a pair needs string fields prompt, chosen and rejected")
-        pairs.append({k: record[k] for k in ("prompt", "chosen", "rejected")})
+    pairs = load_jsonl_preferences(path)
     if not pairs:
         raise ValueError(f"{path} holds no labelled pairs")
     return pairs

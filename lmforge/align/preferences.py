@@ -23,7 +23,7 @@ last record, so an undone prompt is asked again). A record:
      "timestamp": "2025-01-01T12:00:00+00:00", "messages": [{"role": "user", ...}], "policy": "runs/arith-sft"}
 
 `to_training_pairs(records)` keeps the a/b labels as {"prompt", "chosen", "rejected"}, the format the reward
-model and DPO read (`lmforge.data.tasks.load_jsonl_preferences`).
+model and DPO read (`lmforge.align.pairs.load_pairs`, which also reads these records directly).
 """
 
 from __future__ import annotations

@@ -509,9 +509,13 @@ def load_jsonl_messages(path: str | Path) -> list[list[dict]]:
 
 
 def load_jsonl_preferences(path: str | Path) -> list[dict]:
-    """Preference pairs, one a line: {"prompt": "...", "chosen": "...", "rejected": "..."}, all strings."""
+    """Preference pairs, one a line: {"prompt": "...", "chosen": "...", "rejected": "..."}, all strings. Lines
+    written by `lmforge prefs collect` carry a "label": only those labelled "a" or "b" are pairs (ties,
+    both-bad, skips and unlabelled ones are left out)."""
     pairs = []
     for number, obj in jsonl_objects(path):
+        if "label" in obj and obj["label"] not in ("a", "b"):
+            continue
         pair = {}
         for key in ("prompt", "chosen", "rejected"):
             if key not in obj:

@@ -211,3 +211,10 @@ def test_load_jsonl_preferences(tmp_path):
             load_jsonl_preferences(write(tmp_path / "bad.jsonl", lines))
     with pytest.raises(FileNotFoundError):
         load_jsonl_preferences(tmp_path / "missing.jsonl")
+
+
+def test_load_jsonl_preferences_reads_prefs_collect_records(tmp_path):
+    labelled = {"prompt": "2+2?", "label": "b", "chosen": "4", "rejected": "5", "rater": "program"}
+    tie = {"prompt": "3+3?", "label": "tie", "chosen": None, "rejected": None}
+    path = write(tmp_path / "prefs.jsonl", [json.dumps(labelled) + "\n", json.dumps(tie) + "\n"])
+    assert load_jsonl_preferences(path) == [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}]
