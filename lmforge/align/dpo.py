@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.model import ModelConfig
-from lmforge.runs import RunDir, atomic_write_bytes
+from lmforge.runs import RunDir
 from lmforge.train.loop import TrainConfig, Trainer
 
 from .lora import LoRAConfig, apply_lora, finish_lora_run
 from .losses import dpo_loss, sequence_logprob
 from .pairs import collate, load_pairs
 from .reward import split_by_prompt
+from .stage import create_run, load_base
 
 
 @dataclass
@@ -89,13 +90,8 @@ def dpo_batch_loss(cfg: DPOConfig, tokenizer, max_len: int):
 
 
 def run(cfg: DPOConfig) -> RunDir:
-    from lmforge.tokenizer import Tokenizer
-    from lmforge.train.artifacts import load_run_model
-
     cfg.validate()
-    policy, tok_path, base_cfg = load_run_model(cfg.base)
-    tokenizer = Tokenizer.load(tok_path)
-    cfg.model = base_cfg.model
+    policy, tokenizer, tok_path = load_base(cfg)
     max_len = cfg.max_len or cfg.model.max_seq_len
     train_pairs, val_pairs = split_by_prompt(load_pairs(cfg.data), cfg.val_fraction, cfg.seed)
     # The reference is the base model: computed before training (with LoRA, the policy with adapters off).
@@ -103,8 +99,7 @@ def run(cfg: DPOConfig) -> RunDir:
     ref_val = reference_logprobs(policy, tokenizer, val_pairs, max_len) if val_pairs else None
     if cfg.lora.enabled:
         apply_lora(policy, cfg.lora)
-    run_dir = RunDir.create(cfg.runs_dir, cfg.name, cfg, resume=cfg.resume)
-    atomic_write_bytes(run_dir.path / "tokenizer.json", tok_path.read_bytes())
+    run_dir = create_run(cfg, tok_path)
     tcfg = cfg.train
     loss_fn = dpo_batch_loss(cfg, tokenizer, max_len)
 

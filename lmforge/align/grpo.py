@@ -11,19 +11,19 @@ only evaluated), rolls out with the inference engine, then updates (`iterations`
 
 from __future__ import annotations
 
-import copy
 import random
 from dataclasses import dataclass, field
 
 import torch
 
 from lmforge.model import ModelConfig
-from lmforge.runs import RunDir, atomic_write_bytes
+from lmforge.runs import RunDir
 from lmforge.train.loop import TrainConfig, Trainer
 
-from .lora import LoRAConfig, adapters_disabled, apply_lora, finish_lora_run
+from .lora import LoRAConfig, apply_lora, finish_lora_run
 from .losses import group_advantages, kl_k3, masked_mean, token_logprobs
 from .rollout import prompt_pool, rollout
+from .stage import create_run, frozen_reference, load_base
 
 
 @dataclass
@@ -69,7 +69,7 @@ class GroupBatch:
     rows: torch.Tensor
     mask: torch.Tensor  # [B, L-1] response tokens, aligned with token_logprobs
     advantages: torch.Tensor  # [B] one per response, spread over its tokens
-    old_logp: torch.Tensor  # [B, L-1]
+    old_logp: torch.Tensor | None  # [B, L-1]; None: the rollout's policy is the one being trained (ratio 1)
     ref_logp: torch.Tensor | None
     metrics: dict
 
@@ -79,7 +79,7 @@ def grpo_loss(beta: float, clip: float):
 
     def loss_fn(model, b: GroupBatch):
         logp = token_logprobs(model, b.rows)
-        ratio = torch.exp(logp - b.old_logp)
+        ratio = torch.exp(logp - (logp.detach() if b.old_logp is None else b.old_logp))
         adv = b.advantages[:, None]
         objective = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
         metrics = dict(b.metrics)
@@ -96,33 +96,17 @@ def grpo_loss(beta: float, clip: float):
 
 def run(cfg: GRPOConfig) -> RunDir:
     from lmforge.data.tasks import get_task
-    from lmforge.tokenizer import Tokenizer
-    from lmforge.train.artifacts import load_run_model
     from lmforge.train.task_eval import evaluate_tasks
 
     cfg.validate()
-    policy, tok_path, base_cfg = load_run_model(cfg.base)
-    tokenizer = Tokenizer.load(tok_path)
-    cfg.model = base_cfg.model
+    policy, tokenizer, tok_path = load_base(cfg)
     task = get_task(cfg.task)
     pool = prompt_pool(task, max(cfg.prompts_per_step * cfg.train.steps, 1000), cfg.seed)
-    reference = None
-    if cfg.beta > 0 and not cfg.lora.enabled:
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    reference_logp = frozen_reference(policy, cfg.lora.enabled) if cfg.beta > 0 else None
     if cfg.lora.enabled:
         apply_lora(policy, cfg.lora)
-    run_dir = RunDir.create(cfg.runs_dir, cfg.name, cfg, resume=cfg.resume)
-    atomic_write_bytes(run_dir.path / "tokenizer.json", tok_path.read_bytes())
+    run_dir = create_run(cfg, tok_path)
     cache: dict[int, GroupBatch] = {}
-
-    def reference_logp(rows):
-        if cfg.beta <= 0:
-            return None
-        with torch.no_grad():
-            if reference is not None:
-                return token_logprobs(reference, rows)
-            with adapters_disabled(policy):
-                return token_logprobs(policy, rows)
 
     def batch_fn(step: int, micro: int, n_micro: int) -> GroupBatch:
         key = step // cfg.iterations
@@ -134,12 +118,15 @@ def run(cfg: GRPOConfig) -> RunDir:
                           temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=key)  # fmt: skip
             rewards = torch.tensor([float(task.grade(chosen[i], text)) for i, text in zip(out.prompt_index, out.texts)])
             adv = group_advantages(rewards.view(cfg.prompts_per_step, cfg.n)).view(-1)
-            with torch.no_grad():
-                old = token_logprobs(policy, out.rows)
+            old = None
+            if cfg.iterations > 1:  # reused for several updates: keep π_old; with one update it is π itself
+                with torch.no_grad():
+                    old = token_logprobs(policy, out.rows)
             signal = rewards.view(cfg.prompts_per_step, cfg.n).std(-1) > 0  # groups not all right or all wrong
             metrics = {"reward": rewards.mean().item(), "response_len": out.mask.sum(1).float().mean().item(),
                        "groups_with_signal": signal.float().mean().item()}  # fmt: skip
-            cache[key] = GroupBatch(out.rows, out.mask[:, 1:], adv, old, reference_logp(out.rows), metrics)
+            ref = reference_logp(out.rows) if reference_logp else None
+            cache[key] = GroupBatch(out.rows, out.mask[:, 1:], adv, old, ref, metrics)
         return cache[key]
 
     def eval_fn(m) -> dict[str, float]:

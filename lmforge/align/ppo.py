@@ -13,7 +13,6 @@ only, never as a reward. A finished run's last checkpoint holds the policy alone
 
 from __future__ import annotations
 
-import copy
 import random
 from dataclasses import dataclass, field
 
@@ -22,12 +21,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.model import ModelConfig, Transformer
-from lmforge.runs import RunDir, atomic_write_bytes
+from lmforge.runs import RunDir
 from lmforge.train.loop import TrainConfig, Trainer
 
-from .lora import LoRAConfig, adapters_disabled, apply_lora, merge_lora, save_adapters
-from .losses import gae, kl_k1, kl_k3, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss, token_logprobs
+from .lora import LoRAConfig, apply_lora, merge_lora, save_adapters
+from .losses import gae, kl_k1, kl_k3, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
 from .rollout import prompt_pool, rollout
+from .stage import create_run, frozen_reference, load_base
 
 
 class PolicyWithValue(nn.Module):
@@ -137,41 +137,29 @@ def ppo_loss(clip: float, value_clip: float, vf_coef: float):
 
 def run(cfg: PPOConfig) -> RunDir:
     from lmforge.data.tasks import examples, get_task
-    from lmforge.tokenizer import Tokenizer
-    from lmforge.train.artifacts import load_run_model
     from lmforge.train.checkpoint import save_checkpoint
     from lmforge.train.task_eval import greedy_replies
 
     from .reward import load_reward_model, score
 
     cfg.validate()
-    policy, tok_path, base_cfg = load_run_model(cfg.base)
-    tokenizer = Tokenizer.load(tok_path)
+    policy, tokenizer, tok_path = load_base(cfg)
     reward_model, rm_tokenizer = load_reward_model(cfg.reward_model)
     if rm_tokenizer.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"the reward model's tokenizer ({rm_tokenizer.vocab_size} tokens) is not the policy's "
                          f"({tokenizer.vocab_size}): train it from the same SFT run")  # fmt: skip
     reward_model.requires_grad_(False)
-    cfg.model = base_cfg.model
     task = get_task(cfg.task)
     steps_per_rollout = cfg.steps_per_rollout
     n_rollouts = -(-cfg.train.steps // steps_per_rollout)
     pool = prompt_pool(task, max(cfg.prompts_per_rollout * n_rollouts, 1000), cfg.seed)
-    reference = None if cfg.lora.enabled else copy.deepcopy(policy).eval().requires_grad_(False)
+    reference_logp = frozen_reference(policy, cfg.lora.enabled)
     if cfg.lora.enabled:
         apply_lora(policy, cfg.lora)  # the reference is the policy with its adapters off: no second copy
     model = PolicyWithValue(policy)
     kl_control = AdaptiveKL(cfg.beta, cfg.target_kl, cfg.kl_horizon)
-    run_dir = RunDir.create(cfg.runs_dir, cfg.name, cfg, resume=cfg.resume)
-    atomic_write_bytes(run_dir.path / "tokenizer.json", tok_path.read_bytes())
+    run_dir = create_run(cfg, tok_path)
     cache: dict[int, tuple[PPOBatch, list[int]]] = {}
-
-    def reference_logp(rows):
-        with torch.no_grad():
-            if reference is not None:
-                return token_logprobs(reference, rows)
-            with adapters_disabled(policy):
-                return token_logprobs(policy, rows)
 
     @torch.no_grad()
     def make_rollout(key: int) -> PPOBatch:

@@ -16,11 +16,12 @@ import torch
 import torch.nn as nn
 
 from lmforge.model import ModelConfig, Transformer
-from lmforge.runs import RunDir, atomic_write_bytes
+from lmforge.runs import RunDir
 from lmforge.train.loop import TrainConfig, Trainer
 
 from .losses import bradley_terry_loss
 from .pairs import PairBatch, collate, load_pairs, pad, render
+from .stage import create_run, load_base
 
 
 class RewardModel(nn.Module):
@@ -102,19 +103,13 @@ def pairwise_accuracy(model: RewardModel, tokenizer, pairs: list[dict], max_len:
 
 
 def run(cfg: RewardConfig) -> RunDir:
-    from lmforge.tokenizer import Tokenizer
-    from lmforge.train.artifacts import load_run_model
-
-    backbone, tok_path, base_cfg = load_run_model(cfg.base)
-    tokenizer = Tokenizer.load(tok_path)
-    cfg.model = base_cfg.model
+    backbone, tokenizer, tok_path = load_base(cfg)
     max_len = cfg.max_len or cfg.model.max_seq_len
     train_pairs, val_pairs = split_by_prompt(load_pairs(cfg.data), cfg.val_fraction, cfg.seed)
     if not train_pairs:
         raise ValueError(f"no training pairs left after holding out {cfg.val_fraction:.0%} of prompts")
     model = RewardModel(backbone)
-    run_dir = RunDir.create(cfg.runs_dir, cfg.name, cfg, resume=cfg.resume)
-    atomic_write_bytes(run_dir.path / "tokenizer.json", tok_path.read_bytes())
+    run_dir = create_run(cfg, tok_path)
     tcfg = cfg.train
 
     def batch_fn(step: int, micro: int, n_micro: int) -> PairBatch:

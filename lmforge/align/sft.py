@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.model import ModelConfig
-from lmforge.runs import RunDir, atomic_write_bytes
+from lmforge.runs import RunDir
 from lmforge.train.loop import TrainConfig, Trainer
 
 from .lora import LoRAConfig, apply_lora, finish_lora_run
+from .stage import create_run, load_base
 
 
 @dataclass
@@ -119,14 +120,10 @@ def masked_lm_loss(model, batch) -> torch.Tensor:
 
 
 def run(cfg: SFTConfig) -> RunDir:
-    from lmforge.tokenizer import Tokenizer
-    from lmforge.train.artifacts import load_run_model
     from lmforge.train.checkpoint import latest_checkpoint
 
     cfg.validate()
-    model, tok_path, base_cfg = load_run_model(cfg.base)
-    tokenizer = Tokenizer.load(tok_path)
-    cfg.model = base_cfg.model
+    model, tokenizer, tok_path = load_base(cfg)
     seq_len = cfg.seq_len or cfg.model.max_seq_len
     train_chats, val_chats = conversations(cfg)
     train_rows = pack(render(tokenizer, train_chats), seq_len, tokenizer.pad_id, cfg.packing)
@@ -137,8 +134,7 @@ def run(cfg: SFTConfig) -> RunDir:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         print(f"LoRA rank {cfg.lora.rank} on {len(wrapped)} layers: {trainable:,} of {total:,} parameters train")
-    run_dir = RunDir.create(cfg.runs_dir, cfg.name, cfg, resume=cfg.resume)
-    atomic_write_bytes(run_dir.path / "tokenizer.json", Path(tok_path).read_bytes())
+    run_dir = create_run(cfg, tok_path)
     if cfg.resume and cfg.lora.enabled:
         last = latest_checkpoint(run_dir.checkpoints)
         if last is not None and "merged" in (last / "info.json").read_text():

@@ -1,0 +1,52 @@
+"""What every post-training stage does first: load the earlier run it starts from, and open its own run folder.
+
+model, tokenizer, tok_path = load_base(cfg)      # cfg.base: a run folder; sets cfg.model from it
+run_dir = create_run(cfg, tok_path)              # runs/<name>/ with config.yaml and the tokenizer
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmforge.runs import RunDir, atomic_write_bytes
+
+
+def load_base(cfg):
+    """(model, Tokenizer, tokenizer path) of the run `cfg.base`. `cfg.model` becomes the base's model config, so
+    the stage's config.yaml loads like a pretraining run's (`lmforge.train.artifacts.load_run_model`)."""
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.artifacts import load_run_model
+
+    model, tok_path, base_cfg = load_run_model(cfg.base)
+    cfg.model = base_cfg.model
+    return model, Tokenizer.load(tok_path), Path(tok_path)
+
+
+def create_run(cfg, tok_path: Path) -> RunDir:
+    """The stage's run folder (resumed when `cfg.resume`), carrying its tokenizer for the stages after it."""
+    run_dir = RunDir.create(cfg.runs_dir, cfg.name, cfg, resume=cfg.resume)
+    atomic_write_bytes(run_dir.path / "tokenizer.json", tok_path.read_bytes())
+    return run_dir
+
+
+def frozen_reference(policy, lora: bool):
+    """`rows -> log π_ref(tokens)` of the policy as it is now. Call it before LoRA wraps the policy: without
+    LoRA the reference is a frozen copy; with LoRA it is the policy with its adapters off, so no second copy of
+    the weights is kept (the base weights never change)."""
+    import copy
+
+    import torch
+
+    from .lora import adapters_disabled
+    from .losses import token_logprobs
+
+    reference = None if lora else copy.deepcopy(policy).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def logprobs(rows):
+        if reference is not None:
+            return token_logprobs(reference, rows)
+        with adapters_disabled(policy):
+            return token_logprobs(policy, rows)
+
+    return logprobs
