@@ -127,6 +127,6 @@ def run(cfg: DPOConfig) -> RunDir:
     trainer = Trainer(policy, tcfg, run_dir, batch_fn=batch_fn, loss_fn=loss_fn, eval_fn=eval_fn,
                       tokens_fn=lambda b: b[0].chosen.numel() + b[0].rejected.numel(), resume=cfg.resume)  # fmt: skip
     trainer.fit()
-    if cfg.lora.enabled and trainer.step >= cfg.train.steps:  # finished, not stopped by a signal
-        finish_lora_run(policy, run_dir, trainer.step, cfg.lora, keep=tcfg.keep_checkpoints)
+    if cfg.lora.enabled:
+        finish_lora_run(policy, run_dir, trainer, cfg.lora)
     return run_dir

@@ -138,6 +138,6 @@ def run(cfg: GRPOConfig) -> RunDir:
     trainer = Trainer(policy, cfg.train, run_dir, batch_fn=batch_fn, loss_fn=grpo_loss(cfg.beta, cfg.clip),
                       eval_fn=eval_fn, tokens_fn=lambda b: int(b.mask.sum()), resume=cfg.resume)  # fmt: skip
     trainer.fit()
-    if cfg.lora.enabled and trainer.step >= cfg.train.steps:  # finished, not stopped by a signal
-        finish_lora_run(policy, run_dir, trainer.step, cfg.lora, keep=cfg.train.keep_checkpoints)
+    if cfg.lora.enabled:
+        finish_lora_run(policy, run_dir, trainer, cfg.lora)
     return run_dir

@@ -24,7 +24,7 @@ from lmforge.model import ModelConfig, Transformer
 from lmforge.runs import RunDir
 from lmforge.train.loop import TrainConfig, Trainer
 
-from .lora import LoRAConfig, apply_lora, merge_lora, save_adapters
+from .lora import LoRAConfig, apply_lora, finish_lora_run
 from .losses import gae, kl_k1, kl_k3, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
 from .rollout import prompt_pool, rollout
 from .stage import create_run, frozen_reference, load_base
@@ -222,10 +222,10 @@ def run(cfg: PPOConfig) -> RunDir:
     trainer.fit()
     if trainer.step < cfg.train.steps:  # stopped by a signal: keep the resumable checkpoint as it is
         return run_dir
-    if cfg.lora.enabled:
-        save_adapters(policy, run_dir.path / "adapters.safetensors", cfg.lora)
-        merge_lora(policy)
     # Later stages load the run like a pretraining run: the last checkpoint keeps the policy alone.
-    save_checkpoint(run_dir.checkpoints, trainer.step, policy, {"step": trainer.step},
-                    keep=cfg.train.keep_checkpoints, info={"ppo": "policy only"})  # fmt: skip
+    if cfg.lora.enabled:
+        finish_lora_run(policy, run_dir, trainer, cfg.lora)  # the adapters, merged, without the value head
+    else:
+        save_checkpoint(run_dir.checkpoints, trainer.step, policy, {"step": trainer.step},
+                        keep=cfg.train.keep_checkpoints, info={"ppo": "policy only"})  # fmt: skip
     return run_dir

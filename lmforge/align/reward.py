@@ -129,16 +129,10 @@ def run(cfg: RewardConfig) -> RunDir:
 def load_reward_model(run) -> tuple[RewardModel, object]:
     """(RewardModel in eval mode, Tokenizer) of a `lmforge reward train` run."""
     from lmforge.tokenizer import Tokenizer
-    from lmforge.train.artifacts import pretrain_view
-    from lmforge.train.checkpoint import latest_checkpoint, load_weights
+    from lmforge.train.artifacts import load_run_model
 
-    run_dir = RunDir.open(run)
-    model = RewardModel(Transformer(pretrain_view(run_dir).model))
-    ckpt = latest_checkpoint(run_dir.checkpoints)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir.checkpoints}: train the reward model first")
-    load_weights(ckpt, model)
-    return model.eval(), Tokenizer.load(run_dir.path / "tokenizer.json")
+    model, tok_path, _ = load_run_model(run, build=lambda c: RewardModel(Transformer(c)))
+    return model, Tokenizer.load(tok_path)
 
 
 @torch.no_grad()

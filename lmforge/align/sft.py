@@ -170,6 +170,6 @@ def run(cfg: SFTConfig) -> RunDir:
                       tokens_fn=lambda b: b[0][:, :-1].numel(), flops_per_token=cfg.model.flops_per_token(seq_len),
                       resume=cfg.resume)  # fmt: skip
     trainer.fit()
-    if cfg.lora.enabled and trainer.step >= cfg.train.steps:  # finished, not stopped by a signal
-        finish_lora_run(model, run_dir, trainer.step, cfg.lora, keep=tcfg.keep_checkpoints)
+    if cfg.lora.enabled:
+        finish_lora_run(model, run_dir, trainer, cfg.lora)
     return run_dir

@@ -20,11 +20,14 @@ from .checkpoint import latest_checkpoint, load_weights
 from .pretrain import PretrainConfig, evaluate_lm
 
 
-def load_run_model(run: str | Path, step: int | None = None) -> tuple[Transformer, Path, PretrainConfig]:
-    """The model of a run folder at its latest checkpoint (or `step`), its tokenizer.json and its config."""
+def load_run_model(
+    run: str | Path, step: int | None = None, build=Transformer
+) -> tuple[Transformer, Path, PretrainConfig]:
+    """The model of a run folder at its latest checkpoint (or `step`), its tokenizer.json and its config.
+    `build(model_config)` makes the module the checkpoint holds (a reward model wraps the Transformer)."""
     run_dir = RunDir.open(run)
     config = pretrain_view(run_dir)
-    model = Transformer(config.model)
+    model = build(config.model)
     ckpt = run_dir.checkpoints / f"step_{step:06d}" if step is not None else latest_checkpoint(run_dir.checkpoints)
     if ckpt is None or not ckpt.is_dir():
         raise FileNotFoundError(f"no checkpoint in {run_dir.checkpoints}: train first, or pick another --step")
