@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lmforge.model import ModelConfig
 from lmforge.runs import RunDir
 from lmforge.train.loop import TrainConfig, Trainer
 
 from .lora import LoRAConfig, apply_lora, finish_lora_run
+from .losses import masked_mean, token_logprobs
 from .stage import create_run, load_base
 
 
@@ -110,10 +110,7 @@ def pack(rendered: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int,
 def masked_lm_loss(model, batch) -> torch.Tensor:
     """Mean next-token cross-entropy over the positions whose *target* has mask 1 (the assistant's tokens)."""
     rows, masks = batch
-    x, y, weight = rows[:, :-1], rows[:, 1:], masks[:, 1:].float()
-    logits = model(x)
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-    return (loss * weight.reshape(-1)).sum() / weight.sum().clamp(min=1)
+    return -masked_mean(token_logprobs(model, rows), masks[:, 1:])
 
 
 # ---- run ------------------------------------------------------------------------------------------------

@@ -188,7 +188,9 @@ def _vocab_size(data: str) -> int:
         raise FileNotFoundError(
             f"no prepared corpus at {data}: run `lmforge prepare --config configs/data/stdlib-char.yaml`"
         )
-    return 64 * math.ceil(json.loads(meta.read_text())["tokenizer"]["vocab_size"] / 64)
+    from lmforge.train.pretrain import padded_vocab_size
+
+    return padded_vocab_size(json.loads(meta.read_text())["tokenizer"]["vocab_size"])
 
 
 def describe(runs: list[PlannedRun]) -> str:

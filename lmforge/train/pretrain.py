@@ -64,9 +64,13 @@ def evaluate_lm(model, data, *, seq_len: int, batch_size: int, max_batches: int 
     return {"val_loss": loss, "val_bpb": loss / math.log(2) / data.bytes_per_token("val")}
 
 
+def padded_vocab_size(vocab: int) -> int:
+    """The model's vocab_size for a tokenizer's: rounded up to a multiple of 64 for matmul-friendly shapes."""
+    return 64 * math.ceil(vocab / 64)
+
+
 def build_model(cfg: PretrainConfig, data) -> Transformer:
-    vocab = data.vocab_size
-    cfg.model.vocab_size = 64 * math.ceil(vocab / 64)
+    cfg.model.vocab_size = padded_vocab_size(data.vocab_size)
     cfg.model.validate()
     return Transformer(cfg.model)
 
