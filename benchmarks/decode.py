@@ -6,14 +6,14 @@ Both sides run the same random weights (seed 0; `lmforge.model.hf.to_hf`), with 
 
   HF generate fp32   the baseline: GPT2LMHeadModel, attn_implementation="sdpa", its default (dynamic) cache,
                      no compile, do_sample=False, max_new_tokens = min_new_tokens = 128, the same threads
-  ours fp32          `generate_stream` over `ContiguousKVCache`, no stop ids, so exactly 128 tokens, weights in
-                     their faster GEMV layout (`lmforge.infer.fastpath.optimize_for_decode`)
-  ours bf16          `quantize_model(m, "bf16")`, the path of `lmforge generate --quantize bf16`
-  ours int8          weight-only int8 (the reference scheme: memory, not speed)
-  ours w8a8          int8 weights × int8 dynamic activations in fbgemm: the fast int8 path
+  ours fp32          `generate_stream` over `ContiguousKVCache`, no stop ids, so exactly 128 tokens, one-row
+                     products in lmforge's GEMV kernel (`lmforge.infer.fastpath.optimize_for_decode`)
+  ours bf16          `quantize_model(m, "bf16")`, the path of `lmforge generate --quantize bf16` (GEMV kernel)
+  ours int8          weight-only int8 per channel; decode steps widen int8 to fp32 in the GEMV kernel
+  ours w8a8          int8 weights × int8 dynamic activations in fbgemm
   ours int4          int4 per group of 64, dequantized on every call (a memory scheme)
-  GEMV roofline      a 1-row x times every Linear weight of the model and the LM head, once, each in its faster
-                     layout (x·Wᵀ or x·Wt, timed per shape):
+  GEMV roofline      a 1-row x times every Linear weight of the model and the LM head, once, each by the fastest
+                     reader of its shape (torch x·Wᵀ, torch x·Wt from a transposed copy, or lmforge's kernel):
                      the bytes a decode step must read, read with nothing else. Roofline tok/s = 1 ÷ its time,
                      bandwidth = weight bytes ÷ its time (embedding lookups are negligible).
 
@@ -60,7 +60,8 @@ from benchmarks.harness import (
     verdict,
 )
 from lmforge.config import load_config
-from lmforge.infer.fastpath import optimize_for_decode, transposed_is_faster
+from lmforge.infer import kernels
+from lmforge.infer.fastpath import optimize_for_decode
 from lmforge.infer.generate import generate_stream
 from lmforge.infer.kv_cache import ContiguousKVCache
 from lmforge.infer.quantize import quantization_report, quantize_model
@@ -198,39 +199,74 @@ def weight_bytes(weights: Sequence[torch.Tensor]) -> int:
     return sum(w.numel() * w.element_size() for w in weights)
 
 
-def gemv_sweep(weights: Sequence[torch.Tensor]):
+def gemv_readers(w: torch.Tensor, x: torch.Tensor) -> dict:
+    """The ways this CPU can multiply a 1-row x by w: torch's x·Wᵀ from [out, in], torch's x·Wt from a contiguous
+    [in, out] copy, and lmforge's GEMV kernel (when built)."""
+    readers = {"torch x·Wᵀ": lambda: F.linear(x, w)}
+    wt = w.t().contiguous()
+    readers["torch x·Wt"] = lambda: torch.mm(x, wt)
+    if kernels.available():
+        readers["lmforge gemv"] = lambda: kernels.gemv(w, x)
+    return readers
+
+
+def _median_seconds(fn, repeats: int = 9) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def gemv_sweep(weights: Sequence[torch.Tensor], chosen: dict | None = None):
     """fn() that multiplies a 1-row input by every weight once, in model order (so, as in a decode step, each
-    matrix comes from memory, not cache): the weight reads of one token and nothing else. Each weight is read in
-    its faster layout (x·Wᵀ from [out, in] or x·Wt from [in, out], timed per shape): the roofline is the best
-    this CPU streams these matrices, whatever layout ours uses."""
+    matrix comes from memory, not cache): the weight reads of one token and nothing else. Each weight is read by
+    the fastest of `gemv_readers` for its shape (timed once per shape; the names go into `chosen`): the roofline
+    is the best this CPU streams these matrices, whatever ours uses."""
     xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
-    faster = {}
+    best: dict[tuple, str] = {}
+    calls = []
     for w in weights:
-        if tuple(w.shape) not in faster:
-            faster[tuple(w.shape)] = transposed_is_faster(w)
-    mats = [(xs[w.shape[1]], w.t().contiguous(), True) if faster[tuple(w.shape)] else (xs[w.shape[1]], w, False)
-            for w in weights]  # fmt: skip
+        readers = gemv_readers(w, xs[w.shape[1]])
+        shape = tuple(w.shape)
+        if shape not in best:
+            best[shape] = min(readers, key=lambda name: _median_seconds(readers[name]))
+        calls.append(readers[best[shape]])
+    if chosen is not None:
+        chosen.update(best)
 
     def fn() -> None:
-        for x, w, transposed in mats:
-            torch.mm(x, w) if transposed else F.linear(x, w)
+        for call in calls:
+            call()
 
     return fn
 
 
 def gemv_by_shape(weights: Sequence[torch.Tensor], repeats: int, warmup: int) -> Table:
-    """Bandwidth per weight shape (all matrices of that shape, once each), interleaved."""
+    """Bandwidth per weight shape and reader (all matrices of that shape, once each), interleaved: torch's 1-row
+    matmul in both layouts against lmforge's GEMV kernel, in the same rounds."""
     groups: dict[tuple[int, int], list[torch.Tensor]] = {}
     for w in weights:
         groups.setdefault(tuple(w.shape), []).append(w)
     bench = Bench(repeats=repeats, warmup=warmup)
+    sizes = {}
     for shape, ws in groups.items():
-        bench.add(f"{shape[0]}×{shape[1]}", gemv_sweep(ws))
+        x = torch.randn(1, shape[1])
+        per_matrix = [gemv_readers(w, x) for w in ws]
+        for reader in per_matrix[0]:
+            calls = [readers[reader] for readers in per_matrix]
+            name = f"{shape[0]}×{shape[1]} {reader}"
+            bench.add(name, lambda calls=calls: [call() for call in calls])
+            sizes[name] = (len(ws), weight_bytes(ws))
     result = bench.run()
-    table = Table(["weight [out×in]", "matrices", "bytes", "median", "GB/s"], title="fp32 GEMV bandwidth by shape")
-    for ws, case in zip(groups.values(), result.cases):
-        table.add(case.name, len(ws), fmt_bytes(weight_bytes(ws)), f"{case.median * 1e3:.2f} ms",
-                  f"{weight_bytes(ws) / case.median / 1e9:.1f}")  # fmt: skip
+    table = Table(["weight [out×in], reader", "matrices", "bytes", "median", "GB/s"],
+                  title="fp32 GEMV bandwidth by shape and reader")  # fmt: skip
+    for case in result.cases:
+        count, nbytes = sizes[case.name]
+        table.add(case.name, count, fmt_bytes(nbytes), f"{case.median * 1e3:.2f} ms",
+                  f"{nbytes / case.median / 1e9:.1f}")  # fmt: skip
     return table
 
 
@@ -297,7 +333,7 @@ def prefix_match(a: list[int], b: list[int]) -> str:
 
 
 def make_models(base: Transformer) -> dict[str, Transformer]:
-    # Ours fp32 stores each weight in its faster GEMV layout (lmforge.infer.fastpath), as `lmforge generate` does.
+    # Ours fp32 runs one-row products in the GEMV kernel (lmforge.infer.fastpath), as `lmforge generate` does.
     models = {OURS: optimize_for_decode(copy.deepcopy(base))}
     for scheme in SCHEMES:  # quantize copies: quantize_model works in place
         models[f"ours {scheme}"] = quantize_model(copy.deepcopy(base), scheme).eval()
@@ -329,7 +365,9 @@ def run_main_bench(plan: Plan, base: Transformer, models: dict[str, Transformer]
         label = f"{name} (steps)" if name == OURS else name
         bench.add(label, stepped[name].run, setup=stepped[name].setup, work=k, unit="tok")
     weights = linear_weights(base)
-    bench.add("GEMV roofline", gemv_sweep(weights), work=1, unit="tok")
+    chosen: dict = {}
+    bench.add("GEMV roofline", gemv_sweep(weights, chosen), work=1, unit="tok")
+    print("roofline readers: " + ", ".join(f"{o}×{i} {name}" for (o, i), name in chosen.items()))
     cases = ", ".join(c.name for c in bench.cases)
     print(f"main bench: {len(bench.cases)} cases ({cases}), {args.warmup} + {args.repeats} interleaved rounds",
           flush=True)  # fmt: skip
@@ -432,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
           f"({est / ours.generation - 1:+.1%}): the error of the * rows' method")  # fmt: skip
     gemv_by_shape(linear_weights(base), repeats=max(3, args.repeats), warmup=1).print()
 
-    pos = position_bench(base, plan.step_repeats, warmup=2)
+    pos = position_bench(models[OURS], plan.step_repeats, warmup=2)
     pos.table().print()
     pos_ratio = pos[f"step @{POSITIONS[1]}"].ratio
 

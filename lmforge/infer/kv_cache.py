@@ -130,6 +130,7 @@ class ContiguousKVCache:
         self.states: list = [None] * cfg.n_layer
         self.length = 0
         self._start = 0
+        self.padded = False  # whether any forward passed a validity mask: until then every key is real
 
     @property
     def k(self) -> torch.Tensor:  # the stored keys, [n_layer, B, n_kv_head, max_len, head_dim] in kv_dtype
@@ -155,7 +156,9 @@ class ContiguousKVCache:
         self.positions[:, self.length : end] = positions
         self.valid[:, self.length : end] = True if valid is None else valid
         self._start, self.length = self.length, end
-        return self.positions[:, :end], self.valid[:, :end]
+        self.padded = self.padded or valid is not None
+        # None = every key is real: the model then needs no mask for a one-token step.
+        return self.positions[:, :end], self.valid[:, :end] if self.padded else None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         end = self._start + k.shape[2]
@@ -173,7 +176,7 @@ class ContiguousKVCache:
         return self.store.nbytes()
 
     def reset(self) -> None:
-        self.length, self._start, self.states = 0, 0, [None] * self.cfg.n_layer
+        self.length, self._start, self.states, self.padded = 0, 0, [None] * self.cfg.n_layer, False
 
     def truncate(self, length: int) -> None:
         """Forget every token after the first `length` (speculative decoding rolls rejected drafts back).

@@ -33,6 +33,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from lmforge.config import from_dict, to_dict
+from lmforge.infer import kernels
+from lmforge.infer.fastpath import one_row_kernel_applies
 from lmforge.model import ModelConfig, Transformer
 from lmforge.runs import atomic_write_bytes
 
@@ -158,10 +160,11 @@ class Int8Linear(QuantizedLinear):
         return dequantize_int8(self.weight, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Dequantize, then matmul, with the per-channel scale applied to the output ([.., out], not [out, in]).
-        # Chosen by measurement on an AVX2 CPU (2 cores, busy; one thread, a 1-row input, 768x768 / 3072x768
-        # weights): torch._weight_int8pack_mm 575 / 2400-2500 µs, this path 117 / 460-1380 µs, fp32 F.linear
-        # 57 / 250 µs. Neither beats fp32 there: weight-only int8 buys memory, not speed; for speed use w8a8.
+        if one_row_kernel_applies(x, self.in_features):  # a decode step: int8 rows widened in registers
+            return kernels.gemv(self.weight, x, self.scale, self.bias).view(x.shape[:-1] + (-1,))
+        # More rows (or no kernel): dequantize, then matmul, with the per-channel scale applied to the output
+        # ([.., out], not [out, in]). torch has no faster path: on an AVX2 CPU (2 cores, a 1-row input, 768x768 /
+        # 3072x768 weights) torch._weight_int8pack_mm took 575 / 2400-2500 µs, this 117 / 460-1380 µs.
         y = F.linear(x, self.weight.to(x.dtype)) * self.scale  # the fp32 scale, even for bf16 inputs
         return self._add_bias(y.to(x.dtype))
 
@@ -284,6 +287,8 @@ class BF16Linear(QuantizedLinear):
         return self.weight.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if one_row_kernel_applies(x, self.in_features):  # a decode step: bf16 widened to fp32 in registers
+            return kernels.gemv(self.weight, x, bias=self.bias).view(x.shape[:-1] + (-1,))
         return self._add_bias(F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype))
 
 

@@ -254,7 +254,9 @@ class Attention(nn.Module):
                 return sliding_window_attention(q, k, v, cfg.window, p)
             if cfg.attention == "block_sparse":
                 return block_sparse_attention(q, k, v, cfg.block_sparse_size, p)
-        return _sdpa(q, k, v, ctx.mask, bias, p, is_causal=ctx.mask is None)
+        # No mask: the plain causal batch, or one new token that sees every key (is_causal would align it with
+        # the first key, not the last).
+        return _sdpa(q, k, v, ctx.mask, bias, p, is_causal=ctx.mask is None and ctx.plain_causal)
 
     def _linear_attention(self, q, k, v, ctx: AttentionContext):
         q, k = feature_map(q), feature_map(k)

@@ -23,11 +23,12 @@ class Cache(Protocol):
 
     length: int  # tokens stored so far; new tokens default to positions length, length + 1, ...
 
-    def begin(self, positions: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def begin(self, positions: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Record the new tokens' positions [B, T] (long) and validity [B, T] (bool, None = all real).
 
         Returns positions and validity [B, Tk] of every key the new tokens may attend to (past and new,
-        in storage order; the model masks by position, so order only matters for `linear`)."""
+        in storage order; the model masks by position, so order only matters for `linear`). Validity may be
+        None when every key is real: a one-token step then runs without a mask."""
         ...
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -113,6 +113,7 @@ class Transformer(nn.Module):
         cfg = self.cfg
         B, T = idx.shape
         plain = positions is None and cache is None and attn_mask is None
+        one_step = T == 1 and cache is not None and positions is None and attn_mask is None  # a decode step
         if positions is None:
             start = cache_length(cache)
             positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
@@ -122,7 +123,12 @@ class Transformer(nn.Module):
         if cache is not None:
             k_pos, k_valid = cache.begin(positions, attn_mask)
         ctx = AttentionContext(q_pos=positions, k_pos=k_pos, plain_causal=plain, k_valid=k_valid, cache=cache)
-        needs_mask = not plain or cfg.attention not in MASK_FREE or cfg.window or self.attn_bias is not None
+        # One new token after everything cached, no padding, a dense causal pattern: it may see every key, so it
+        # needs no mask (building one costs more than a small model's attention at that step).
+        sees_all = one_step and k_valid is None and cfg.attention != "block_sparse"
+        needs_mask = (
+            not (plain or sees_all) or cfg.attention not in MASK_FREE or cfg.window or self.attn_bias is not None
+        )
         if needs_mask and cfg.attention != "linear":
             ctx.mask = attention_mask(cfg, positions, k_pos, k_valid)
         if self.rope is not None:
