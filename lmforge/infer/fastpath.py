@@ -38,9 +38,10 @@ class DecodeLinear(nn.Linear):
         return fast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = self._parameters  # read directly: nn.Module's attribute lookup costs µs, ~70 times a step
         if one_row_kernel_applies(x, self.in_features):
-            return kernels.gemv(self.weight, x, bias=self.bias).view(x.shape[:-1] + (-1,))
-        return F.linear(x, self.weight, self.bias)
+            return kernels.gemv(params["weight"], x, bias=params["bias"])
+        return F.linear(x, params["weight"], params["bias"])
 
 
 @torch.no_grad()

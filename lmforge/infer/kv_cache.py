@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from lmforge.infer import kernels
 from lmforge.model import ModelConfig
 
 KV_DTYPES = {
@@ -131,6 +132,7 @@ class ContiguousKVCache:
         self.length = 0
         self._start = 0
         self.padded = False  # whether any forward passed a validity mask: until then every key is real
+        self._row_offsets = None  # where each row's keys start in a layer's buffer, for `attend`
 
     @property
     def k(self) -> torch.Tensor:  # the stored keys, [n_layer, B, n_kv_head, max_len, head_dim] in kv_dtype
@@ -164,6 +166,20 @@ class ContiguousKVCache:
         end = self._start + k.shape[2]
         self.store.write(layer, slice(self._start, end), k, v)
         return self.store.read(layer, slice(0, end))
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        """Store this step's k, v and attend over the whole row in place (`kernels.decode_attention`), for fp32
+        storage without padding; None otherwise (the model then calls `update`)."""
+        if self.padded or not kernels.attention_applies(q, self.store.k):
+            return None
+        self.update(layer, k, v)  # returns views: nothing is copied
+        B, Hk, slots, D = self.store.k.shape[1:]
+        if self._row_offsets is None:
+            self._row_offsets = torch.arange(B) * (Hk * slots * D)
+        lengths = torch.full((B,), self.length)
+        return kernels.decode_attention(q, self.store.k[layer], self.store.v[layer], lengths,
+                                        row_offsets=self._row_offsets, token_stride=D, head_stride=slots * D,
+                                        n_kv_head=Hk)  # fmt: skip
 
     def get_state(self, layer: int):
         return self.states[layer]

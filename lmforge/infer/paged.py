@@ -24,6 +24,7 @@ import torch
 
 from lmforge.model import ModelConfig
 
+from . import kernels
 from .kv_cache import dequantize_kv, quantize_kv
 
 
@@ -279,13 +280,35 @@ class PagedBatch:
         self.k_pos = torch.stack([torch.nn.functional.pad(p, (0, pad - len(p))) for p in k_pos]).to(dev)
         self.k_valid = torch.stack([torch.nn.functional.pad(v, (0, pad - len(v))) for v in k_valid]).to(dev)
         self._write_mask = self._write_mask.to(dev)
+        self._lengths = self._row_offsets = None  # for `attend`, built on its first call
 
     def begin(self, positions: torch.Tensor, valid: torch.Tensor | None):
         return self.k_pos, self.k_valid
 
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        """A decode step (one new token per row, fp32 pool): store k, v and attend through the block tables in
+        place (`kernels.decode_attention`, PagedAttention's idea) — no gather of every row's keys into a
+        contiguous copy. None otherwise (the model then calls `update`)."""
+        if max(self.new_tokens) != 1 or not kernels.attention_applies(q, self.pool.k):
+            return None
+        self._store(layer, k, v)
+        _, _, Hk, D = self.pool.k.shape
+        if self._lengths is None:
+            self._lengths = torch.tensor([seq.num_cached + 1 for seq in self.seqs])
+            self._row_offsets = torch.zeros(len(self.seqs), dtype=torch.long)
+        return kernels.decode_attention(q, self.pool.k[layer], self.pool.v[layer], self._lengths,
+                                        row_offsets=self._row_offsets, token_stride=Hk * D, head_stride=D,
+                                        n_kv_head=Hk, tables=self._blocks, block_size=self.pool.block_size)  # fmt: skip
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         pool = self.pool
-        B, Hk, T, D = k.shape
+        self._store(layer, k, v)
+        return self._gathered(pool.k, pool.k_scale if pool.int8 else None, layer, k.dtype), self._gathered(
+            pool.v, pool.v_scale if pool.int8 else None, layer, v.dtype
+        )
+
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        pool = self.pool
         # New tokens to their slots: [B, T, Hk, D] rows selected by the write mask, in row order.
         k_new = k.transpose(1, 2)[self._write_mask]
         v_new = v.transpose(1, 2)[self._write_mask]
@@ -299,9 +322,6 @@ class PagedBatch:
         else:
             pool.k[layer].index_copy_(0, self._write_slots, k_new.to(pool.k.dtype))
             pool.v[layer].index_copy_(0, self._write_slots, v_new.to(pool.v.dtype))
-        return self._gathered(pool.k, pool.k_scale if pool.int8 else None, layer, k.dtype), self._gathered(
-            pool.v, pool.v_scale if pool.int8 else None, layer, v.dtype
-        )
 
     def _gathered(self, store, scale, layer, dtype):
         B, nb = self._blocks.shape

@@ -8,12 +8,15 @@ smaller module; embeddings, norms and biases stay fp32.
     model = load_quantized("runs/tiny/model-w8a8.safetensors")
 
 Schemes (bytes per weight, scales included, against 4 for fp32):
-    int8  weight-only int8, one symmetric scale per output channel (~1). The reference path: saves memory.
-    w8a8  int8 weights and int8 activations quantized per token at run time, multiplied in fbgemm (~1). The fast
-          one for one-token decode steps on x86 CPUs.
+    int8  weight-only int8, one symmetric scale per output channel (~1). Decode steps (one row) run in lmforge's
+          GEMV kernel, which widens the int8 weights to fp32 in registers: the fastest path on AVX2 CPUs
+          (`lmforge.infer.kernels`); longer inputs dequantize and multiply in fp32.
+    w8a8  int8 weights and int8 activations quantized per token at run time, multiplied in fbgemm (~1). Fast
+          where the CPU has VNNI (AVX-512); on AVX2 slower than int8's kernel.
     int4  weight-only int4 per group of `group_size` inputs, scale + zero point, two values a byte (~0.58 at
           g=64). Dequantized on every call: for memory, not speed.
-    bf16  weights in bf16, matmul in bf16 (2). Slow on CPUs without native bf16 (AVX2).
+    bf16  weights in bf16 (2). Decode steps widen them to fp32 in the GEMV kernel (half fp32's bytes to read);
+          longer inputs multiply in bf16, slow on CPUs without native bf16 (AVX2).
 A tied LM head becomes an untied quantized copy (it is 31% of GPT-2's weight bytes); the embedding stays fp32.
 Quantize a model in the dtype it will run in: `.to(dtype)` afterwards would also cast the fp32 scales.
 """
@@ -161,7 +164,7 @@ class Int8Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if one_row_kernel_applies(x, self.in_features):  # a decode step: int8 rows widened in registers
-            return kernels.gemv(self.weight, x, self.scale, self.bias).view(x.shape[:-1] + (-1,))
+            return kernels.gemv(self.weight, x, self.scale, self.bias)
         # More rows (or no kernel): dequantize, then matmul, with the per-channel scale applied to the output
         # ([.., out], not [out, in]). torch has no faster path: on an AVX2 CPU (2 cores, a 1-row input, 768x768 /
         # 3072x768 weights) torch._weight_int8pack_mm took 575 / 2400-2500 µs, this 117 / 460-1380 µs.
@@ -288,7 +291,7 @@ class BF16Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if one_row_kernel_applies(x, self.in_features):  # a decode step: bf16 widened to fp32 in registers
-            return kernels.gemv(self.weight, x, bias=self.bias).view(x.shape[:-1] + (-1,))
+            return kernels.gemv(self.weight, x, bias=self.bias)
         return self._add_bias(F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype))
 
 

@@ -217,6 +217,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.kv_dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.q_dim, cfg.d_model, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.dense_causal = cfg.attention == "sdpa" and not cfg.window  # every earlier key, no pattern or bias
         self.kernel = {
             "sdpa": self._softmax_attention,
             "naive": self._softmax_attention,
@@ -240,6 +241,13 @@ class Attention(nn.Module):
     def _softmax_attention(self, q, k, v, ctx: AttentionContext):
         bias = ctx.bias
         if ctx.cache is not None:
+            # One new token per row under the dense causal pattern: a cache may store it and attend itself,
+            # reading keys where they are stored (lmforge.infer's decode kernel) instead of returning them.
+            attend = getattr(ctx.cache, "attend", None)
+            if attend is not None and self.dense_causal and bias is None and q.shape[2] == 1:
+                out = attend(self.layer, q, k, v)
+                if out is not None:
+                    return out
             k, v = ctx.cache.update(self.layer, k, v)
             # A cache may weight its keys, e.g. log(count) of merged entries (lmforge.infer.merging).
             logit_bias = getattr(ctx.cache, "logit_bias", None)

@@ -19,7 +19,13 @@ class Cache(Protocol):
     logit_bias(layer) -> Tensor | None: an additive bias on the attention logits of the keys the last
     `update(layer, ...)` returned, broadcastable to [B, n_head, T, Tk] (e.g. [B, 1, 1, Tk]); softmax attention
     calls it right after `update` and adds it to any position bias. None = no bias. `lmforge.infer.merging`
-    returns log(count) of merged entries (proportional attention)."""
+    returns log(count) of merged entries (proportional attention).
+
+    attend(layer, q, k, v) -> Tensor | None: for one new token per row ([B, H, 1, head_dim] queries) under the
+    dense causal pattern (sdpa, no window, no bias), store k, v as `update` would and return the attention output
+    [B, H, 1, head_dim] over every stored key of each row — or return None, storing nothing, and the model calls
+    `update` and attends itself. `lmforge.infer`'s contiguous and paged caches use a kernel that reads the keys in
+    place."""
 
     length: int  # tokens stored so far; new tokens default to positions length, length + 1, ...
 

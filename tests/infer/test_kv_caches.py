@@ -250,7 +250,8 @@ def test_merging_with_room_for_everything_is_the_contiguous_cache(attention):
     model, idx = model_of(cfg), tokens(20)
     merged = cached_logits(model, idx, TokenMergingCache(cfg, batch_size=2, budget=20), [7])
     contiguous = cached_logits(model, idx, ContiguousKVCache(cfg, batch_size=2, max_len=20), [7])
-    assert torch.equal(merged, contiguous)
+    # Not bit-equal: the contiguous cache's one-token steps attend in lmforge's decode kernel, merging in SDPA.
+    torch.testing.assert_close(merged, contiguous, rtol=1e-5, atol=1e-5)
 
 
 def test_merging_left_padded_batch_equals_contiguous_cache():

@@ -1,7 +1,10 @@
-"""Hand-written CPU kernels for what torch does slowly at batch 1: the one-row matrix-vector product of a decode
-step, with fp32, bf16 or int8 weights (`gemv.c`, ~60 lines of AVX2). torch multiplies a 1-row input by a weight
-matrix at ~16-20 GB/s on the 2-core AVX2 machine lmforge is developed on; these loops stream the same weights at
-~25-32 GB/s, and read bf16 or int8 weights without converting the matrix first (`benchmarks/decode.py`).
+"""Hand-written CPU kernels for the two things torch does slowly in a decode step (`decode.c`, AVX2 + OpenMP):
+
+- `gemv`: the one-row matrix-vector product, with fp32, bf16 or int8 weights. torch multiplies a 1-row input by a
+  weight matrix at ~14-20 GB/s on the 2-core AVX2 machine lmforge is developed on; this streams the same weights
+  at ~20-30 GB/s, and reads bf16 or int8 weights without converting the matrix first (`benchmarks/decode.py`).
+- `decode_attention`: one new query per row over that row's cached keys, read in place from a contiguous cache or
+  through a paged cache's block table, so the keys are not gathered into a contiguous copy for SDPA first.
 
 The C file is compiled on first use with the system C compiler into a per-source cache file
 (`$LMFORGE_CACHE`, else `~/.cache/lmforge`), then loaded with ctypes. Without an x86 CPU with AVX2 and FMA, or
@@ -26,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("gemv.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+SOURCE = Path(__file__).with_name("decode.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm")
 _FUNCTIONS = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.int8: "gemv_i8"}
 WEIGHT_DTYPES = tuple(_FUNCTIONS)
 
@@ -39,10 +42,10 @@ def cache_dir() -> Path:
 
 
 def _build(compiler: str) -> Path:
-    """Compile gemv.c once per (source, compiler, flags); the file name carries their hash, so an edited source
+    """Compile decode.c once per (source, compiler, flags); the file name carries their hash, so an edited source
     builds anew. Written to a temp file and renamed: a concurrent build never leaves a half-written library."""
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"gemv-{key}.so"
+    target = cache_dir() / f"decode-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -77,6 +80,10 @@ def _library() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 2
         fn.restype = None
+    lib.decode_attention.argtypes = (
+        [ctypes.c_void_p] * 5 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 6 + [ctypes.c_float]
+    )
+    lib.decode_attention.restype = None
     return lib
 
 
@@ -87,31 +94,69 @@ def available() -> bool:
 
 def gemv(weight: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None,
          bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """y = (weight · x) · scale + bias as fp32 [out], from weight [out, in] (fp32, bf16 or int8), x [in] or [1, in]
-    fp32, and optional fp32 scale [out] (per output row) and bias [out], all contiguous CPU tensors. No autograd:
-    for inference. Raises RuntimeError when `available()` is False.
+    """y = (weight · x) · scale + bias in fp32, shaped [..., out] like x [..., in] (one row: x.numel() == in), from
+    weight [out, in] (fp32, bf16 or int8) and optional fp32 scale [out] (per output row) and bias [out], all
+    contiguous CPU tensors. No autograd: for inference. Raises RuntimeError when `available()` is False.
 
-    Checked with a handful of attribute reads: a decode step calls this ~70 times, and each µs here is ~1% of a
-    small model's step."""
+    Checked with a handful of attribute reads: a decode step calls this ~70 times, and each µs here is ~0.3% of
+    GPT-2-small's step."""
     lib = _library()
     if lib is None:
         raise RuntimeError("lmforge's decode kernels are not available here: check kernels.available() first")
     out, inp = weight.shape
-    name = _FUNCTIONS.get(weight.dtype)
-    tensors = (weight, x) if scale is None and bias is None else (weight, x, scale, bias)
-    if (name is None or x.numel() != inp or x.dtype != torch.float32
-            or not all(t is None or (t.is_contiguous() and t.is_cpu) for t in tensors)):  # fmt: skip
+    fn = getattr(lib, _FUNCTIONS.get(weight.dtype, ""), None)
+    readable = weight.is_contiguous() and x.is_contiguous() and weight.is_cpu and x.is_cpu
+    if readable and (scale is not None or bias is not None):
+        readable = all(t is None or (t.is_contiguous() and t.is_cpu) for t in (scale, bias))
+    if fn is None or x.numel() != inp or x.dtype != torch.float32 or not readable:
         got = f"{weight.dtype} {tuple(weight.shape)} and {x.dtype} {tuple(x.shape)}"
         raise ValueError(f"gemv takes contiguous CPU tensors: weight [out, in] in {WEIGHT_DTYPES} and an fp32 x of "
                          f"{inp} values, got {got}")  # fmt: skip
-    y = torch.empty(out)
-    getattr(lib, name)(
-        weight.data_ptr(),
-        x.data_ptr(),
-        None if scale is None else scale.data_ptr(),
-        None if bias is None else bias.data_ptr(),
-        y.data_ptr(),
-        out,
-        inp,
-    )
+    y = torch.empty((*x.shape[:-1], out))
+    fn(weight.data_ptr(), x.data_ptr(), scale if scale is None else scale.data_ptr(),
+       bias if bias is None else bias.data_ptr(), y.data_ptr(), out, inp)  # fmt: skip
     return y
+
+
+MAX_HEAD_DIM = 256  # decode.c keeps a query and an accumulator in registers/stack arrays of 32 × 8 floats
+
+
+def attention_applies(q: torch.Tensor, store: torch.Tensor) -> bool:
+    """Whether `decode_attention` can serve these queries [B, H, 1, D] over this K/V storage: fp32, one query per
+    row, head_dim a multiple of 8 up to 256, no autograd, kernels built."""
+    D = q.shape[-1]
+    return (
+        q.shape[2] == 1
+        and q.dtype == torch.float32
+        and store.dtype == torch.float32
+        and D % 8 == 0
+        and D <= MAX_HEAD_DIM
+        and q.is_cpu
+        and not torch.is_grad_enabled()
+        and available()
+    )
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, *,
+                     row_offsets: torch.Tensor, token_stride: int, head_stride: int, n_kv_head: int,
+                     tables: torch.Tensor | None = None, block_size: int = 1) -> torch.Tensor:  # fmt: skip
+    """softmax(q·Kᵀ/√d)·V for queries q [B, H, 1, D] (one new token per row), over the first lengths[b] keys of
+    each row, read in place from `k` and `v` (fp32 storage of one layer, same layout): key t of row b, KV head j
+    at element row_offsets[b] + slot·token_stride + j·head_stride, slot = t, or through the block table
+    tables [B, n] (slot = tables[b, t // block_size]·block_size + t % block_size). lengths, row_offsets and
+    tables are int64. Returns [B, H, 1, D] fp32."""
+    lib = _library()
+    B, H, _, D = q.shape
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    lengths, row_offsets = lengths.contiguous(), row_offsets.contiguous()
+    n_cols = 0
+    if tables is not None:
+        tables = tables.contiguous()
+        n_cols = tables.shape[1]
+    lib.decode_attention(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), None if tables is None else tables.data_ptr(),
+        n_cols, block_size, lengths.data_ptr(), row_offsets.data_ptr(), B, H, n_kv_head, D, token_stride,
+        head_stride, D**-0.5,
+    )  # fmt: skip
+    return out

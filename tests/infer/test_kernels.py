@@ -1,11 +1,13 @@
-"""The GEMV kernels and the decode path built on them: checked against torch's matmul (the oracle), and the
-model's logits and greedy tokens unchanged."""
+"""lmforge's decode kernels and the paths built on them: the GEMV against a float64 matmul, decode attention
+against torch SDPA over the same keys gathered by hand (contiguous and paged layouts, GQA, ragged lengths), and
+the model's logits and greedy tokens unchanged."""
 
 import copy
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lmforge.infer import kernels
 from lmforge.infer.fastpath import DecodeLinear, optimize_for_decode
@@ -47,6 +49,44 @@ def test_gemv_rejects_what_it_cannot_read():
         kernels.gemv(w, torch.randn(15))
     with pytest.raises(ValueError):
         kernels.gemv(w.double(), torch.randn(16))
+
+
+def sdpa_reference(q, keys, values, b):
+    """Row b's attention by torch SDPA over its keys [T, Hk, D] (gathered by hand), GQA expanded by SDPA."""
+    return F.scaled_dot_product_attention(q[b : b + 1], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+                                          enable_gqa=True)  # fmt: skip
+
+
+@needs_kernels
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 64), (8, 2, 32), (6, 1, 16)])
+def test_decode_attention_reads_a_contiguous_cache_in_place(heads, kv_heads, head_dim):
+    g = torch.Generator().manual_seed(heads + head_dim)
+    B, slots = 3, 40
+    q = torch.randn(B, heads, 1, head_dim, generator=g)
+    k, v = (torch.randn(B, kv_heads, slots, head_dim, generator=g) for _ in range(2))  # [B, Hk, T, D]
+    lengths = torch.tensor([40, 1, 17])
+    out = kernels.decode_attention(q, k, v, lengths, row_offsets=torch.arange(B) * kv_heads * slots * head_dim,
+                                   token_stride=head_dim, head_stride=slots * head_dim, n_kv_head=kv_heads)  # fmt: skip
+    for b, n in enumerate(lengths.tolist()):
+        want = sdpa_reference(q, k[b, :, :n].transpose(0, 1), v[b, :, :n].transpose(0, 1), b)
+        torch.testing.assert_close(out[b : b + 1], want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2)])
+def test_decode_attention_follows_a_block_table(heads, kv_heads):
+    g = torch.Generator().manual_seed(heads)
+    B, D, bs, blocks_per_row = 3, 32, 4, 5
+    q = torch.randn(B, heads, 1, D, generator=g)
+    k, v = (torch.randn(B * blocks_per_row * bs, kv_heads, D, generator=g) for _ in range(2))  # [slot, Hk, D]
+    tables = torch.randperm(B * blocks_per_row, generator=g).view(B, blocks_per_row)  # blocks anywhere in the pool
+    lengths = torch.tensor([20, 1, 9])
+    out = kernels.decode_attention(q, k, v, lengths, row_offsets=torch.zeros(B, dtype=torch.long),
+                                   token_stride=kv_heads * D, head_stride=D, n_kv_head=kv_heads, tables=tables,
+                                   block_size=bs)  # fmt: skip
+    for b, n in enumerate(lengths.tolist()):
+        slots = torch.tensor([int(tables[b, t // bs]) * bs + t % bs for t in range(n)])
+        torch.testing.assert_close(out[b : b + 1], sdpa_reference(q, k[slots], v[slots], b), rtol=1e-5, atol=1e-5)
 
 
 def test_decode_linear_is_the_same_module_for_any_input():

@@ -1,4 +1,6 @@
-/* One-row matrix-vector products for decode steps: y = (W·x) · scale + bias, W [out, in] row-major, x [in] fp32.
+/* Kernels for decode steps, where torch's general-purpose ones spend more time than the work needs.
+ *
+ * gemv_*: one-row matrix-vector products y = (W·x) · scale + bias, W [out, in] row-major, x [in] fp32.
  *
  * A batch-1 decode step reads every weight once, so its speed is the rate at which W streams from memory.
  * torch's CPU path for a 1-row matmul reached ~16-20 GB/s on the 2-core AVX2 machine lmforge is developed on;
@@ -7,11 +9,13 @@
  * rows. Weights in bf16 or int8 are widened to fp32 in registers, so they cost half or a quarter of fp32's bytes
  * (int8 rows carry one scale each: per-output-channel quantization, lmforge.infer.quantize).
  *
- * Built on first use by lmforge/infer/kernels/__init__.py (cc -O3 -mavx2 -mfma -fopenmp); OpenMP resolves to
+ * Built on first use by lmforge/infer/kernels/__init__.py (cc -O3 -mavx2 -mfma -fopenmp -lm); OpenMP resolves to
  * the runtime torch has loaded, so torch.set_num_threads applies here too.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define ROWS 4
 /* Each thread walks ROWS short streams (a row of GPT-2's 768-wide int8 matrix is 12 cache lines): too short for
@@ -75,3 +79,97 @@ static inline float load1_i8(const int8_t *p) { return (float)*p; }
 GEMV(f32, float)
 GEMV(bf16, uint16_t)
 GEMV(i8, int8_t)
+
+/* Attention of one new query per row over that row's cached keys, read where the cache stores them:
+ *   out[b, h] = Σ_t softmax_t(q[b, h] · K[b, t, h/g] · scale) V[b, t, h/g],  t < lengths[b],  g = H / Hk (GQA).
+ * Key t of row b sits at element  row_offsets[b] + slot · token_stride + head · head_stride,  with slot = t for a
+ * contiguous cache, or tables[b · n_cols + t / block_size] · block_size + t % block_size for a paged one (the
+ * block table: no gather into a contiguous copy first, as vLLM's PagedAttention). One pass with an online softmax
+ * (Milakov & Gimelshein 2018; FlashAttention's recurrence): K and V are read once. head_dim ≤ 256, a multiple of 8.
+ *
+ * The loop order follows the layout, so that memory is read in long runs: a contiguous cache stores each head's
+ * keys together ([B, Hk, T, D]): one task per (row, head) walks them. A paged pool stores each token's heads
+ * together ([slot, Hk, D]): one task per row walks its tokens and updates every head (a task per head there read
+ * 256-byte pieces 3 KiB apart and ran 2x slower).
+ */
+typedef struct {
+    __m256 acc[32];
+    float running_max, denominator;
+} Softmax;
+
+static inline void softmax_add(Softmax *s, long n, float score, const float *value) {
+    if (score > s->running_max) { /* rescale what was summed under the old maximum */
+        float shrink = expf(s->running_max - score);
+        s->denominator *= shrink;
+        for (long i = 0; i < n; i++) s->acc[i] = _mm256_mul_ps(s->acc[i], _mm256_set1_ps(shrink));
+        s->running_max = score;
+    }
+    float p = expf(score - s->running_max);
+    s->denominator += p;
+    for (long i = 0; i < n; i++)
+        s->acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(p), _mm256_loadu_ps(value + 8 * i), s->acc[i]);
+}
+
+static inline float dot(const __m256 *q, const float *key, long n) {
+    __m256 d = _mm256_setzero_ps();
+    for (long i = 0; i < n; i++) d = _mm256_fmadd_ps(q[i], _mm256_loadu_ps(key + 8 * i), d);
+    return horizontal_sum(d);
+}
+
+static inline void softmax_init(Softmax *s, long n) {
+    for (long i = 0; i < n; i++) s->acc[i] = _mm256_setzero_ps();
+    s->running_max = -INFINITY;
+    s->denominator = 0.0f;
+}
+
+static inline void softmax_store(const Softmax *s, long n, float *out) {
+    float inv = s->denominator > 0 ? 1.0f / s->denominator : 0.0f;
+    for (long i = 0; i < n; i++) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(s->acc[i], _mm256_set1_ps(inv)));
+}
+
+static inline void load_query(__m256 *qr, const float *q, long n, float scale) {
+    for (long i = 0; i < n; i++) qr[i] = _mm256_mul_ps(_mm256_loadu_ps(q + 8 * i), _mm256_set1_ps(scale));
+}
+
+void decode_attention(const float *q, const float *k, const float *v, float *out, const long *tables, long n_cols,
+                      long block_size, const long *lengths, const long *row_offsets, long B, long H, long Hk, long D,
+                      long token_stride, long head_stride, float scale) {
+    long group = H / Hk, n = D / 8;
+#define SLOT(b, t) (tables ? tables[(b) * n_cols + (t) / block_size] * block_size + (t) % block_size : (t))
+    if (token_stride == D) { /* head-major: a task per (row, head) */
+#pragma omp parallel for schedule(dynamic, 1)
+        for (long bh = 0; bh < B * H; bh++) {
+            long b = bh / H, kh = (bh % H) / group;
+            __m256 qr[32];
+            Softmax s;
+            load_query(qr, q + bh * D, n, scale);
+            softmax_init(&s, n);
+            for (long t = 0; t < lengths[b]; t++) {
+                long at = row_offsets[b] + SLOT(b, t) * token_stride + kh * head_stride;
+                softmax_add(&s, n, dot(qr, k + at, n), v + at);
+            }
+            softmax_store(&s, n, out + bh * D);
+        }
+        return;
+    }
+#pragma omp parallel for schedule(dynamic, 1)
+    for (long b = 0; b < B; b++) { /* token-major: a task per row, every head per token */
+        Softmax *s = aligned_alloc(32, sizeof(Softmax) * H); /* __m256 members: 32-byte aligned */
+        __m256 *qr = aligned_alloc(32, sizeof(__m256) * 32 * H);
+        for (long h = 0; h < H; h++) {
+            load_query(qr + 32 * h, q + (b * H + h) * D, n, scale);
+            softmax_init(s + h, n);
+        }
+        for (long t = 0; t < lengths[b]; t++) {
+            long at = row_offsets[b] + SLOT(b, t) * token_stride;
+            for (long h = 0; h < H; h++) {
+                long kv = at + (h / group) * head_stride;
+                softmax_add(s + h, n, dot(qr + 32 * h, k + kv, n), v + kv);
+            }
+        }
+        for (long h = 0; h < H; h++) softmax_store(s + h, n, out + (b * H + h) * D);
+        free(s);
+        free(qr);
+    }
+#undef SLOT
+}
