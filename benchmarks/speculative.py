@@ -60,6 +60,7 @@ from benchmarks.spec_inputs import (
     random_prompts,
     text_prompts,
 )
+from lmforge.infer.fastpath import optimize_for_decode
 from lmforge.infer.generate import generate_stream
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.speculative import (
@@ -328,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | None]:
         args.repeats = 2
     args = apply_common_args(args)
     m = load_models(args.target, args.draft, args.quick)
+    for model in {id(x): x for x in (m.target, m.draft, m.lookup_target)}.values():
+        optimize_for_decode(model)  # one-row steps in the GEMV kernel: the best batch-1 path, as `lmforge generate`
     plan = PLANS["quick" if args.quick else "trained" if m.trained else "random"]
     if not args.quick and m.lookup_trained and not m.trained:  # random pair, but lookup on a trained run
         t = PLANS["trained"]

@@ -104,19 +104,18 @@ def generate(args: argparse.Namespace) -> None:
 
 
 def _batch1_stream(model, prompt, params, args, vocab_size):
+    from lmforge.infer.fastpath import optimize_for_decode
     from lmforge.infer.generate import generate_stream
 
+    if not args.quantize:  # fp32 weights: one-row steps in lmforge's GEMV kernel (quantized modules have theirs)
+        optimize_for_decode(model)
     if args.draft or args.lookup:
         from lmforge.infer.loading import load_for_inference
         from lmforge.infer.speculative import speculative_generate
 
-        draft = load_for_inference(args.draft)[0] if args.draft else None
+        draft = optimize_for_decode(load_for_inference(args.draft)[0]) if args.draft else None
         return speculative_generate(model, prompt, params, draft=draft, gamma=args.gamma, lookup_ngram=args.lookup,
                                     vocab_size=vocab_size)  # fmt: skip
-    if not args.quantize:  # fp32/bf16 weights: store each in its faster GEMV layout for one-row steps
-        from lmforge.infer.fastpath import optimize_for_decode
-
-        optimize_for_decode(model)
     cache = None
     if args.kv == "sliding":
         from lmforge.infer.sliding import SlidingKVCache

@@ -1,8 +1,9 @@
 """The batch-1 decode path for fp32 weights: a one-token step reads every weight once, so its speed is the GEMV
 bandwidth. `optimize_for_decode` makes every `nn.Linear` of a model (LM head included) a `DecodeLinear`: the
-same module, same weight tensor, whose one-row products run in lmforge's GEMV kernel (`lmforge.infer.kernels`,
-~1.5x torch's 1-row matmul on the 2-core AVX2 machine lmforge is developed on). Inputs of more than one row
-(prefill, batches) and any call with autograd on go to `F.linear` as before.
+same module, same weight tensor, whose products over a few rows (a decode step, a speculative verification of
+up to `kernels.MAX_ROWS` tokens) run in lmforge's GEMV kernel (`lmforge.infer.kernels`, ~1.5x torch's 1-row
+matmul on the 2-core AVX2 machine lmforge is developed on). Longer inputs (prefill, large batches) and any call
+with autograd on go to `F.linear` as before.
 
     model = optimize_for_decode(model)        # in place; returns the model (unchanged where kernels are missing)
 """
@@ -16,11 +17,12 @@ import torch.nn.functional as F
 from lmforge.infer import kernels
 
 
-def one_row_kernel_applies(x: torch.Tensor, in_features: int) -> bool:
-    """Whether a call can take the GEMV kernel: one contiguous fp32 row on the CPU, with autograd off (the kernel
-    has no backward). Cheap attribute reads only: it runs for every layer of every decode step."""
+def gemv_kernel_applies(x: torch.Tensor, in_features: int) -> bool:
+    """Whether a call can take the GEMV kernel: a few contiguous fp32 rows (≤ kernels.MAX_ROWS: a decode step, a
+    speculative verification) on the CPU, with autograd off (the kernel has no backward). Cheap attribute reads
+    only: it runs for every layer of every decode step."""
     return (
-        x.numel() == in_features
+        x.numel() <= kernels.MAX_ROWS * in_features
         and not torch.is_grad_enabled()
         and x.dtype == torch.float32
         and x.is_cpu
@@ -29,7 +31,7 @@ def one_row_kernel_applies(x: torch.Tensor, in_features: int) -> bool:
 
 
 class DecodeLinear(nn.Linear):
-    """nn.Linear whose one-row calls run in the GEMV kernel (same weight, same state dict)."""
+    """nn.Linear whose calls on a few rows run in the GEMV kernel (same weight, same state dict)."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> DecodeLinear:
@@ -39,7 +41,7 @@ class DecodeLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params = self._parameters  # read directly: nn.Module's attribute lookup costs µs, ~70 times a step
-        if one_row_kernel_applies(x, self.in_features):
+        if gemv_kernel_applies(x, self.in_features):
             return kernels.gemv(params["weight"], x, bias=params["bias"])
         return F.linear(x, params["weight"], params["bias"])
 

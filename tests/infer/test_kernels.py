@@ -19,18 +19,20 @@ needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no AVX2 CPU 
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
 @pytest.mark.parametrize("out_features, in_features", [(1, 1), (3, 7), (4, 8), (13, 37), (64, 128), (258, 771)])
-def test_gemv_matches_torch_for_every_weight_dtype_and_odd_shapes(out_features, in_features):
-    # Odd shapes reach the scalar tails: rows past the last block of 4, columns past the last 8. The oracle is
-    # float64; fp32 sums in another order stay within ~1e-6 relative of it per term.
-    g = torch.Generator().manual_seed(out_features * 1000 + in_features)
+def test_gemv_matches_torch_for_every_weight_dtype_odd_shapes_and_a_few_rows(out_features, in_features, rows):
+    # Odd shapes reach the scalar tails: weight rows past the last block of 4, columns past the last 8, an odd
+    # input row after the pairs. The oracle is float64; fp32 sums in another order stay within ~1e-6 relative.
+    g = torch.Generator().manual_seed(out_features * 1000 + in_features + rows)
     w = torch.randn(out_features, in_features, generator=g)
-    x, bias = torch.randn(in_features, generator=g), torch.randn(out_features, generator=g)
+    x, bias = torch.randn(rows, in_features, generator=g), torch.randn(out_features, generator=g)
 
     def close(got, weight, scale=None, bias=None):
-        want = weight.double() @ x.double()
+        want = x.double() @ weight.double().T
         want = want * scale.double() if scale is not None else want
         want = want + bias.double() if bias is not None else want
+        assert got.shape == (rows, out_features)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * in_features**0.5)
 
     close(kernels.gemv(w, x, bias=bias), w, bias=bias)
@@ -45,7 +47,7 @@ def test_gemv_rejects_what_it_cannot_read():
     w = torch.randn(8, 16)
     with pytest.raises(ValueError, match="contiguous"):
         kernels.gemv(w.t(), torch.randn(8))  # a transposed view
-    with pytest.raises(ValueError, match="16 values"):
+    with pytest.raises(ValueError, match=r"\[\.\.\., 16\]"):
         kernels.gemv(w, torch.randn(15))
     with pytest.raises(ValueError):
         kernels.gemv(w.double(), torch.randn(16))
@@ -131,7 +133,7 @@ def test_quantized_decode_steps_in_the_kernel_equal_the_matmul_path(scheme, monk
     model = quantize_model(tiny_model(), scheme)
     prompt = list(range(10))
     fast = generate(model, prompt, max_new_tokens=16, temperature=0)
-    monkeypatch.setattr("lmforge.infer.quantize.one_row_kernel_applies", lambda x, n: False)
+    monkeypatch.setattr("lmforge.infer.quantize.gemv_kernel_applies", lambda x, n: False)
     assert fast == generate(model, prompt, max_new_tokens=16, temperature=0)
 
 

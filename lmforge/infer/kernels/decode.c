@@ -47,33 +47,66 @@ static inline float load1_bf16(const uint16_t *p) {
 }
 static inline float load1_i8(const int8_t *p) { return (float)*p; }
 
-#define GEMV(NAME, T)                                                                                      \
-    void gemv_##NAME(const T *w, const float *x, const float *scale, const float *bias, float *y, long out,  \
-                     long in) {                                                                            \
-        long blocks = (out + ROWS - 1) / ROWS;                                                             \
-        _Pragma("omp parallel for schedule(static)") for (long b = 0; b < blocks; b++) {                   \
-            long r0 = b * ROWS, rows = out - r0 < ROWS ? out - r0 : ROWS, k = 0;                           \
-            float sums[ROWS] = {0};                                                                        \
-            if (rows == ROWS) {                                                                            \
-                __m256 acc[ROWS];                                                                          \
-                for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();                               \
-                for (; k + 8 <= in; k += 8) {                                                              \
-                    __m256 xk = _mm256_loadu_ps(x + k);                                                    \
-                    for (int r = 0; r < ROWS; r++) {                                                       \
-                        _mm_prefetch((const char *)(w + (r0 + r) * in + k) + PREFETCH, _MM_HINT_T0);       \
-                        acc[r] = _mm256_fmadd_ps(load8_##NAME(w + (r0 + r) * in + k), xk, acc[r]);         \
-                    }                                                                                      \
-                }                                                                                          \
-                for (int r = 0; r < ROWS; r++) sums[r] = horizontal_sum(acc[r]);                           \
-            }                                                                                              \
-            for (int r = 0; r < rows; r++) {                                                               \
-                float s = sums[r];                                                                         \
-                for (long j = k; j < in; j++) s += load1_##NAME(w + (r0 + r) * in + j) * x[j];             \
-                if (scale) s *= scale[r0 + r];                                                             \
-                if (bias) s += bias[r0 + r];                                                               \
-                y[r0 + r] = s;                                                                             \
-            }                                                                                              \
-        }                                                                                                  \
+/* sums[j][r] = x_j · W[r0 + r] for nx (1 or 2, a constant once inlined) input rows x_j and `rows` weight rows. Two
+ * input rows share every weight load and widening: a few rows (speculative verification, a small batch) cost
+ * little more than one. */
+#define BLOCK(NAME, T)                                                                                      \
+    static inline __attribute__((always_inline)) void block_##NAME(const T *w, long r0, long rows, long in,  \
+                                                                   const float *const *xs, int nx,          \
+                                                                   int prefetch, float sums[2][ROWS]) {     \
+        long k = 0;                                                                                         \
+        for (int j = 0; j < nx; j++)                                                                        \
+            for (int r = 0; r < ROWS; r++) sums[j][r] = 0.0f;                                               \
+        if (rows == ROWS) {                                                                                 \
+            __m256 acc[2][ROWS];                                                                            \
+            for (int j = 0; j < nx; j++)                                                                    \
+                for (int r = 0; r < ROWS; r++) acc[j][r] = _mm256_setzero_ps();                             \
+            for (; k + 8 <= in; k += 8) {                                                                   \
+                __m256 xk[2];                                                                               \
+                for (int j = 0; j < nx; j++) xk[j] = _mm256_loadu_ps(xs[j] + k);                            \
+                for (int r = 0; r < ROWS; r++) {                                                            \
+                    if (prefetch)                                                                           \
+                        _mm_prefetch((const char *)(w + (r0 + r) * in + k) + PREFETCH, _MM_HINT_T0);        \
+                    __m256 wk = load8_##NAME(w + (r0 + r) * in + k);                                        \
+                    for (int j = 0; j < nx; j++) acc[j][r] = _mm256_fmadd_ps(wk, xk[j], acc[j][r]);         \
+                }                                                                                           \
+            }                                                                                               \
+            for (int j = 0; j < nx; j++)                                                                    \
+                for (int r = 0; r < ROWS; r++) sums[j][r] = horizontal_sum(acc[j][r]);                      \
+        }                                                                                                   \
+        for (int r = 0; r < rows; r++)                                                                      \
+            for (long i = k; i < in; i++) {                                                                 \
+                float wi = load1_##NAME(w + (r0 + r) * in + i);                                             \
+                for (int j = 0; j < nx; j++) sums[j][r] += wi * xs[j][i];                                   \
+            }                                                                                               \
+    }
+
+/* y[m] = (W · x[m]) · scale + bias for m input rows x [m, in] (y [m, out]). Each thread takes blocks of ROWS
+ * weight rows and runs every input row over them while they are in cache: the weights stream from memory once. */
+#define GEMV(NAME, T)                                                                                       \
+    BLOCK(NAME, T)                                                                                          \
+    void gemv_##NAME(const T *w, const float *x, const float *scale, const float *bias, float *y, long out,   \
+                     long in, long m) {                                                                     \
+        long blocks = (out + ROWS - 1) / ROWS;                                                              \
+        _Pragma("omp parallel for schedule(static)") for (long b = 0; b < blocks; b++) {                    \
+            long r0 = b * ROWS, rows = out - r0 < ROWS ? out - r0 : ROWS;                                   \
+            for (long i = 0; i < m; i += 2) {                                                               \
+                const float *xs[2] = {x + i * in, x + (i + 1) * in};                                        \
+                float sums[2][ROWS];                                                                        \
+                int nx = i + 1 < m ? 2 : 1;                                                                 \
+                if (nx == 2)                                                                                \
+                    block_##NAME(w, r0, rows, in, xs, 2, i == 0, sums);                                     \
+                else                                                                                        \
+                    block_##NAME(w, r0, rows, in, xs, 1, i == 0, sums);                                     \
+                for (int j = 0; j < nx; j++)                                                                \
+                    for (int r = 0; r < rows; r++) {                                                        \
+                        float s = sums[j][r];                                                               \
+                        if (scale) s *= scale[r0 + r];                                                      \
+                        if (bias) s += bias[r0 + r];                                                        \
+                        y[(i + j) * out + r0 + r] = s;                                                      \
+                    }                                                                                       \
+            }                                                                                               \
+        }                                                                                                   \
     }
 
 GEMV(f32, float)
