@@ -7,8 +7,10 @@ random token ids, greedy, EOS ignored (engine `ignore_eos=True`; HF `min_new_tok
 id) — arriving as a Poisson process (mean gap 0.15 s: every prompt is in within ~10 s, far faster than any of
 the three systems drains them, so all of them are saturated). Each system replays the same arrival schedule:
 
-1. ours: the Engine (paged KV cache, continuous batching, chunked prefill); a request is added when the wall
-   clock passes its arrival time (between steps; an idle engine sleeps until the next arrival).
+1. ours: the Engine (paged KV cache, continuous batching, chunked prefill, decode attention through the block
+   tables; the model through `optimize_for_decode`, so steps of ≤ 16 sequences run in the GEMV kernel); a request
+   is added when the wall clock passes its arrival time (between steps; an idle engine sleeps until the next
+   arrival).
 2. HF one at a time: requests in arrival order, each `generate` alone, started at max(arrival, previous end).
 3. HF static batches of 16: groups of 16 in arrival order, left-padded (input_ids + attention_mask built here,
    pad_token_id set), `max_new_tokens` = the longest in the group; a batch starts when its 16th request has
@@ -72,6 +74,7 @@ from benchmarks.hf_baselines import (
 )
 from lmforge.config import load_config
 from lmforge.infer.engine import Engine
+from lmforge.infer.fastpath import optimize_for_decode
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import ModelConfig, Transformer
 from lmforge.model.hf import to_hf
@@ -126,7 +129,9 @@ def make_models(setup: Setup, seed: int):
     cfg = load_config(ModelConfig, GPT2_YAML, setup.model_overrides)
     torch.manual_seed(seed)
     ours = Transformer(cfg).eval()
-    return ours, to_hf(ours)
+    hf = to_hf(ours)
+    # As `lmforge generate` serves: steps of up to kernels.MAX_ROWS sequences in lmforge's GEMV kernel.
+    return optimize_for_decode(ours), hf
 
 
 def greedy(job: Job, max_new: int | None = None) -> SamplingParams:

@@ -66,7 +66,10 @@ def generate(args: argparse.Namespace) -> None:
     stats_line = ""
     if paged:
         from lmforge.infer.engine import Engine
+        from lmforge.infer.fastpath import optimize_for_decode
 
+        if not args.quantize:  # steps of a few sequences in the GEMV kernel
+            optimize_for_decode(model)
         engine = Engine(model, tokenizer=tok, kv_dtype="int8" if args.kv == "paged-int8" else None,
                         kv_memory_gib=0.5, verbose=args.stats)  # fmt: skip
         texts: dict[int, list[str]] = {}
