@@ -50,9 +50,13 @@ def generate_stream(
     stops = () if params.ignore_eos else params.stop_ids
     hidden = model.hidden_states(torch.tensor([prompt], device=device), cache=cache)
     logits = model.lm_head(hidden[0, -1:])  # the head over the last prompt token only
+    plain_greedy = params.greedy and history is None  # the token is the argmax: no distribution to build
     for index in range(params.max_new_tokens):
-        probs = processed_probs(logits[:, :vocab_size], [params], [history] if history is not None else None)
-        token = draw(probs[0], params, index)
+        if plain_greedy:
+            token = int(logits[0, :vocab_size].argmax())
+        else:
+            probs = processed_probs(logits[:, :vocab_size], [params], [history] if history is not None else None)
+            token = draw(probs[0], params, index)
         yield token
         if token in stops:
             return
