@@ -210,32 +210,13 @@ def gemv_readers(w: torch.Tensor, x: torch.Tensor) -> dict:
     return readers
 
 
-def _median_seconds(fn, repeats: int = 9) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def gemv_sweep(weights: Sequence[torch.Tensor], chosen: dict | None = None):
+def gemv_sweep(weights: Sequence[torch.Tensor], readers: dict[tuple[int, int], str]):
     """fn() that multiplies a 1-row input by every weight once, in model order (so, as in a decode step, each
     matrix comes from memory, not cache): the weight reads of one token and nothing else. Each weight is read by
-    the fastest of `gemv_readers` for its shape (timed once per shape; the names go into `chosen`): the roofline
-    is the best this CPU streams these matrices, whatever ours uses."""
+    `readers[shape]`, the fastest of `gemv_readers` for its shape in `gemv_by_shape`: the roofline is the best
+    this CPU streams these matrices, whatever ours uses."""
     xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
-    best: dict[tuple, str] = {}
-    calls = []
-    for w in weights:
-        readers = gemv_readers(w, xs[w.shape[1]])
-        shape = tuple(w.shape)
-        if shape not in best:
-            best[shape] = min(readers, key=lambda name: _median_seconds(readers[name]))
-        calls.append(readers[best[shape]])
-    if chosen is not None:
-        chosen.update(best)
+    calls = [gemv_readers(w, xs[w.shape[1]])[readers[tuple(w.shape)]] for w in weights]
 
     def fn() -> None:
         for call in calls:
@@ -244,14 +225,15 @@ def gemv_sweep(weights: Sequence[torch.Tensor], chosen: dict | None = None):
     return fn
 
 
-def gemv_by_shape(weights: Sequence[torch.Tensor], repeats: int, warmup: int) -> Table:
-    """Bandwidth per weight shape and reader (all matrices of that shape, once each), interleaved: torch's 1-row
-    matmul in both layouts against lmforge's GEMV kernel, in the same rounds."""
+def gemv_by_shape(weights: Sequence[torch.Tensor], repeats: int, warmup: int) -> tuple[Table, dict]:
+    """Bandwidth per weight shape and reader (all matrices of that shape, once each, so they stream from memory as
+    in a decode step), interleaved: torch's 1-row matmul in both layouts against lmforge's GEMV kernel, in the
+    same rounds. Returns the table and the fastest reader of each shape (what the roofline reads with)."""
     groups: dict[tuple[int, int], list[torch.Tensor]] = {}
     for w in weights:
         groups.setdefault(tuple(w.shape), []).append(w)
     bench = Bench(repeats=repeats, warmup=warmup)
-    sizes = {}
+    sizes, cases_shape, cases_reader = {}, [], []
     for shape, ws in groups.items():
         x = torch.randn(1, shape[1])
         per_matrix = [gemv_readers(w, x) for w in ws]
@@ -260,14 +242,18 @@ def gemv_by_shape(weights: Sequence[torch.Tensor], repeats: int, warmup: int) ->
             name = f"{shape[0]}×{shape[1]} {reader}"
             bench.add(name, lambda calls=calls: [call() for call in calls])
             sizes[name] = (len(ws), weight_bytes(ws))
+            cases_shape.append(shape)
+            cases_reader.append(reader)
     result = bench.run()
     table = Table(["weight [out×in], reader", "matrices", "bytes", "median", "GB/s"],
                   title="fp32 GEMV bandwidth by shape and reader")  # fmt: skip
-    for case in result.cases:
+    fastest: dict[tuple[int, int], tuple[float, str]] = {}
+    for case, shape, reader in zip(result.cases, cases_shape, cases_reader):
         count, nbytes = sizes[case.name]
         table.add(case.name, count, fmt_bytes(nbytes), f"{case.median * 1e3:.2f} ms",
                   f"{nbytes / case.median / 1e9:.1f}")  # fmt: skip
-    return table
+        fastest[shape] = min(fastest.get(shape, (float("inf"), "")), (case.median, reader))
+    return table, {shape: reader for shape, (_, reader) in fastest.items()}
 
 
 # ---- position 1024 vs 128 ----------------------------------------------------------------------------------
@@ -341,7 +327,7 @@ def make_models(base: Transformer) -> dict[str, Transformer]:
 
 
 def run_main_bench(plan: Plan, base: Transformer, models: dict[str, Transformer], steps: dict[str, int],
-                   prompt: list[int], args):  # fmt: skip
+                   prompt: list[int], args, readers: dict):  # fmt: skip
     """The interleaved bench of every case; returns (summary rows, the bench result, weight bytes per token)."""
     n = plan.new_tokens
     hf = make_hf(base)
@@ -365,12 +351,11 @@ def run_main_bench(plan: Plan, base: Transformer, models: dict[str, Transformer]
         label = f"{name} (steps)" if name == OURS else name
         bench.add(label, stepped[name].run, setup=stepped[name].setup, work=k, unit="tok")
     weights = linear_weights(base)
-    chosen: dict = {}
-    sweep = gemv_sweep(weights, chosen)
+    sweep = gemv_sweep(weights, readers)
     # As many sweeps per round as ours fp32 (steps) takes decode steps: both cases last as long, so a burst of load
     # on this shared machine weighs on them alike.
     bench.add("GEMV roofline", lambda: [sweep() for _ in range(steps[OURS])], work=steps[OURS], unit="tok")
-    print("roofline readers: " + ", ".join(f"{o}×{i} {name}" for (o, i), name in chosen.items()))
+    print("roofline readers: " + ", ".join(f"{o}×{i} {name}" for (o, i), name in readers.items()))
     cases = ", ".join(c.name for c in bench.cases)
     print(f"main bench: {len(bench.cases)} cases ({cases}), {args.warmup} + {args.repeats} interleaved rounds",
           flush=True)  # fmt: skip
@@ -449,7 +434,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             print(f"{name}: {probes[name] / probes[OURS]:.1f}× fp32's step: timed over {k} decode steps and scaled to "
                   f"{plan.new_tokens} tokens (prefill timed apart), not over the whole generation")  # fmt: skip
 
-    rows, result, wbytes = run_main_bench(plan, base, models, steps, prompt, args)
+    # GEMV readers first: the roofline reads each shape with the one that streamed it fastest here.
+    by_shape, readers = gemv_by_shape(linear_weights(base), repeats=max(3, args.repeats), warmup=1)
+    by_shape.print()
+    rows, result, wbytes = run_main_bench(plan, base, models, steps, prompt, args, readers)
     n = plan.new_tokens
     print(format_environment(result.env))
     summary_table(rows, n).print()
@@ -475,7 +463,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     )
     print(f"estimate check: ours fp32 estimated {est:.2f} s from prefill + steps vs measured {ours.generation:.2f} s "
           f"({est / ours.generation - 1:+.1%}): the error of the * rows' method")  # fmt: skip
-    gemv_by_shape(linear_weights(base), repeats=max(3, args.repeats), warmup=1).print()
 
     pos = position_bench(models[OURS], plan.step_repeats, warmup=2)
     pos.table().print()

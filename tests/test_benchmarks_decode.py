@@ -68,7 +68,9 @@ def test_linear_weights_are_every_matrix_a_step_reads():
     assert len(weights) == 6 * model.cfg.n_layer + 1  # q, k, v, o, up, down per block; the LM head
     assert weights[-1].data_ptr() == model.tok_emb.weight.data_ptr()  # tied: the head is the embedding
     assert decode.weight_bytes(weights) == 4 * sum(w.numel() for w in weights)
-    decode.gemv_sweep(weights)()
+    table, readers = decode.gemv_by_shape(weights, repeats=1, warmup=0)
+    assert set(readers) == {tuple(w.shape) for w in weights}  # the fastest reader of every shape
+    decode.gemv_sweep(weights, readers)()
 
 
 def test_decode_step_runs_at_the_filled_length_every_time():
