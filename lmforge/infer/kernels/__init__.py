@@ -1,8 +1,9 @@
 """Hand-written CPU kernels for the two things torch does slowly in a decode step (`decode.c`, AVX2 + OpenMP):
 
-- `gemv`: the one-row matrix-vector product, with fp32, bf16 or int8 weights. torch multiplies a 1-row input by a
-  weight matrix at ~14-20 GB/s on the 2-core AVX2 machine lmforge is developed on; this streams the same weights
-  at ~20-30 GB/s, and reads bf16 or int8 weights without converting the matrix first (`benchmarks/decode.py`).
+- `gemv`: the matrix-vector product of a decode step (one row, or up to MAX_ROWS: a speculative verification, a
+  small batch), with fp32, bf16 or int8 weights. torch multiplies a 1-row input by a weight matrix at ~14-20 GB/s
+  on the 2-core AVX2 machine lmforge is developed on; this streams the same weights at ~20-30 GB/s, reads them
+  once for every row, and reads bf16 or int8 weights without converting the matrix first (`benchmarks/decode.py`).
 - `decode_attention`: one new query per row over that row's cached keys, read in place from a contiguous cache or
   through a paged cache's block table, so the keys are not gathered into a contiguous copy for SDPA first.
 
