@@ -133,6 +133,7 @@ class ContiguousKVCache:
         self._start = 0
         self.padded = False  # whether any forward passed a validity mask: until then every key is real
         self._row_offsets = None  # where each row's keys start in a layer's buffer, for `attend`
+        self._lengths = (-1, None)  # (length, that many keys per row as a tensor), for `attend`
 
     @property
     def k(self) -> torch.Tensor:  # the stored keys, [n_layer, B, n_kv_head, max_len, head_dim] in kv_dtype
@@ -172,12 +173,13 @@ class ContiguousKVCache:
         storage without padding; None otherwise (the model then calls `update`)."""
         if self.padded or not kernels.attention_applies(q, self.store.k):
             return None
-        self.update(layer, k, v)  # returns views: nothing is copied
+        self.store.write(layer, slice(self._start, self.length), k, v)
         B, Hk, slots, D = self.store.k.shape[1:]
         if self._row_offsets is None:
             self._row_offsets = torch.arange(B) * (Hk * slots * D)
-        lengths = torch.full((B,), self.length)
-        return kernels.decode_attention(q, self.store.k[layer], self.store.v[layer], lengths,
+        if self._lengths[0] != self.length:  # one tensor per step, not per layer
+            self._lengths = (self.length, torch.full((B,), self.length))
+        return kernels.decode_attention(q, self.store.k[layer], self.store.v[layer], self._lengths[1],
                                         row_offsets=self._row_offsets, token_stride=D, head_stride=slots * D,
                                         n_kv_head=Hk)  # fmt: skip
 
