@@ -17,19 +17,6 @@ import torch.nn.functional as F
 from lmforge.infer import kernels
 
 
-def gemv_kernel_applies(x: torch.Tensor, in_features: int) -> bool:
-    """Whether a call can take the GEMV kernel: a few contiguous fp32 rows (≤ kernels.MAX_ROWS: a decode step, a
-    speculative verification) on the CPU, with autograd off (the kernel has no backward). Cheap attribute reads
-    only: it runs for every layer of every decode step."""
-    return (
-        x.numel() <= kernels.MAX_ROWS * in_features
-        and not torch.is_grad_enabled()
-        and x.dtype == torch.float32
-        and x.is_cpu
-        and x.is_contiguous()
-    )
-
-
 class DecodeLinear(nn.Linear):
     """nn.Linear whose calls on a few rows run in the GEMV kernel (same weight, same state dict)."""
 
@@ -41,7 +28,7 @@ class DecodeLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params = self._parameters  # read directly: nn.Module's attribute lookup costs µs, ~70 times a step
-        if gemv_kernel_applies(x, self.in_features):
+        if kernels.gemv_applies(x, self.in_features):
             return kernels.gemv(params["weight"], x, bias=params["bias"])
         return F.linear(x, params["weight"], params["bias"])
 

@@ -37,7 +37,6 @@ from safetensors.torch import save as safetensors_bytes
 
 from lmforge.config import from_dict, to_dict
 from lmforge.infer import kernels
-from lmforge.infer.fastpath import gemv_kernel_applies
 from lmforge.model import ModelConfig, Transformer
 from lmforge.runs import atomic_write_bytes
 
@@ -163,7 +162,7 @@ class Int8Linear(QuantizedLinear):
         return dequantize_int8(self.weight, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if gemv_kernel_applies(x, self.in_features):  # a decode step: int8 rows widened in registers
+        if kernels.gemv_applies(x, self.in_features):  # a decode step: int8 rows widened in registers
             return kernels.gemv(self.weight, x, self.scale, self.bias)
         # More rows (or no kernel): dequantize, then matmul, with the per-channel scale applied to the output
         # ([.., out], not [out, in]). torch has no faster path: on an AVX2 CPU (2 cores, a 1-row input, 768x768 /
@@ -290,7 +289,7 @@ class BF16Linear(QuantizedLinear):
         return self.weight.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if gemv_kernel_applies(x, self.in_features):  # a decode step: bf16 widened to fp32 in registers
+        if kernels.gemv_applies(x, self.in_features):  # a decode step: bf16 widened to fp32 in registers
             return kernels.gemv(self.weight, x, bias=self.bias)
         return self._add_bias(F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype))
 

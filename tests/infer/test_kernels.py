@@ -133,7 +133,7 @@ def test_quantized_decode_steps_in_the_kernel_equal_the_matmul_path(scheme, monk
     model = quantize_model(tiny_model(), scheme)
     prompt = list(range(10))
     fast = generate(model, prompt, max_new_tokens=16, temperature=0)
-    monkeypatch.setattr("lmforge.infer.quantize.gemv_kernel_applies", lambda x, n: False)
+    monkeypatch.setattr(kernels, "gemv_applies", lambda x, n: False)
     assert fast == generate(model, prompt, max_new_tokens=16, temperature=0)
 
 
@@ -141,3 +141,11 @@ def test_without_kernels_the_model_is_left_as_it_is(monkeypatch):
     monkeypatch.setattr(kernels, "available", lambda: False)
     model = tiny_model()
     assert optimize_for_decode(model) is model and type(model.lm_head) is nn.Linear
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "int8"])
+def test_without_kernels_quantized_models_decode_through_torch(scheme, monkeypatch):
+    prompt = list(range(10))
+    with_kernels = generate(quantize_model(tiny_model(), scheme), prompt, max_new_tokens=8, temperature=0)
+    monkeypatch.setattr(kernels, "_library", lambda: None)  # as with no C compiler: a kernel call would raise
+    assert generate(quantize_model(tiny_model(), scheme), prompt, max_new_tokens=8, temperature=0) == with_kernels

@@ -100,6 +100,20 @@ def available() -> bool:
 MAX_ROWS = 16
 
 
+def gemv_applies(x: torch.Tensor, in_features: int) -> bool:
+    """Whether a product can take `gemv`: a few contiguous fp32 rows (≤ MAX_ROWS: a decode step, a speculative
+    verification) on the CPU, with autograd off (the kernel has no backward), kernels built. Cheap attribute reads
+    only: it runs for every layer of every decode step."""
+    return (
+        x.numel() <= MAX_ROWS * in_features
+        and not torch.is_grad_enabled()
+        and x.dtype == torch.float32
+        and x.is_cpu
+        and x.is_contiguous()
+        and available()
+    )
+
+
 def gemv(weight: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None,
          bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """y = (x · weightᵀ) · scale + bias in fp32, shaped [..., out] like x [..., in], from weight [out, in] (fp32, bf16
