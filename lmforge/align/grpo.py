@@ -22,7 +22,7 @@ from lmforge.train.loop import TrainConfig, Trainer
 
 from .lora import LoRAConfig, apply_lora, finish_lora_run
 from .losses import group_advantages, kl_k3, masked_mean, token_logprobs
-from .rollout import prompt_pool, rollout
+from .rollout import prompt_pool, rl_train_config, rollout
 from .stage import create_run, frozen_reference, load_base
 
 
@@ -43,18 +43,7 @@ class GRPOConfig:
     eval_n: int = 200  # held-out prompts, greedy, at every eval
     seed: int = 0
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(
-            steps=100,
-            batch_size=1,
-            lr=1e-5,
-            min_lr=1e-6,
-            warmup_steps=5,
-            eval_every=25,
-            checkpoint_every=50,
-            weight_decay=0.0,
-        )  # fmt: skip
-    )
+    train: TrainConfig = field(default_factory=lambda: rl_train_config(eval_every=25))
     model: ModelConfig | None = None
 
     def validate(self) -> None:

@@ -14,6 +14,7 @@ import torch
 
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
+from lmforge.train.loop import TrainConfig
 
 from .pairs import pad
 
@@ -62,3 +63,11 @@ def prompt_pool(task, n: int, seed: int) -> list:
 
     # the split is decided by a hash, so its exact size is unknown: ask for at most 90% of its expected size
     return examples(task, "train", min(n, int(task.size() * (1 - HELDOUT_FRACTION) * 0.9)), seed=seed)
+
+
+def rl_train_config(eval_every: int) -> TrainConfig:
+    """The loop settings PPO and GRPO share: a step's batch is its rollout (the stage sizes it, so batch_size is
+    1), a small rate decaying tenfold, no weight decay (decay would drift the policy off the SFT weights it
+    starts from)."""
+    return TrainConfig(steps=100, batch_size=1, lr=1e-5, min_lr=1e-6, warmup_steps=5, eval_every=eval_every,
+                       checkpoint_every=50, weight_decay=0.0)  # fmt: skip
