@@ -121,25 +121,22 @@ def load_prompts(spec: str, n: int, seed: int = 1) -> list[PromptItem]:
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f'no prompts at {path}: give task:SPEC or a JSONL of {{"prompt": ...}} lines')
+    from lmforge.data.tasks import jsonl_objects
+
     items: list[PromptItem] = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    try:
+        for number, obj in jsonl_objects(path):  # a generator: lines past the n-th are never read
             if len(items) == n:
                 break
-            if line.strip():
-                items.append(_prompt_item(line, f"{path}:{number}"))
+            items.append(_prompt_item(obj, f"{path}:{number}"))
+    except ValueError as e:  # a line that is not a JSON object
+        raise ConfigError(str(e)) from None
     if not items:
         raise ConfigError(f"{path} holds no prompts")
     return items
 
 
-def _prompt_item(line: str, where: str) -> PromptItem:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
-    if not isinstance(obj, dict):
-        raise ConfigError(f"{where}: expected a JSON object")
+def _prompt_item(obj: dict, where: str) -> PromptItem:
     if isinstance(obj.get("prompt"), str):
         messages = [{"role": "user", "content": obj["prompt"]}]
     else:
