@@ -116,6 +116,7 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.plan = None  # the GEMV kernel's view of the weights, made on the first decode step
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 64) -> QuantizedLinear:
@@ -140,6 +141,15 @@ class QuantizedLinear(nn.Module):
         """Bytes of the fp32 nn.Linear this replaces."""
         return 4 * (self.in_features * self.out_features + (self.out_features if self.bias is not None else 0))
 
+    def _gemv(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """A decode step's product in lmforge's GEMV kernel (call only where `kernels.gemv_applies`)."""
+        buffers = self._buffers
+        weight, bias = buffers["weight"], buffers["bias"]
+        plan = self.plan
+        if plan is None or plan.stale(weight, scale, bias):
+            plan = self.plan = kernels.GemvPlan([(weight, scale, bias)])
+        return plan(x)
+
     def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -163,7 +173,7 @@ class Int8Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.gemv_applies(x, self.in_features):  # a decode step: int8 rows widened in registers
-            return kernels.gemv(self.weight, x, self.scale, self.bias)
+            return self._gemv(x, self.scale)
         # More rows (or no kernel): dequantize, then matmul, with the per-channel scale applied to the output
         # ([.., out], not [out, in]). torch has no faster path: on an AVX2 CPU (2 cores, a 1-row input, 768x768 /
         # 3072x768 weights) torch._weight_int8pack_mm took 575 / 2400-2500 µs, this 117 / 460-1380 µs.
@@ -290,7 +300,7 @@ class BF16Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.gemv_applies(x, self.in_features):  # a decode step: bf16 widened to fp32 in registers
-            return kernels.gemv(self.weight, x, bias=self.bias)
+            return self._gemv(x)
         return self._add_bias(F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype))
 
 

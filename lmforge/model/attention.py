@@ -217,6 +217,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.kv_dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.q_dim, cfg.d_model, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        # Set by lmforge.infer.fastpath for decoding: (module, x) -> q, k and v side by side from one product, or
+        # None where it does not apply (then the three projections run as usual).
+        self.fused_qkv = None
         self.dense_causal = cfg.attention == "sdpa" and not cfg.window  # every earlier key, no pattern or bias
         self.kernel = {
             "sdpa": self._softmax_attention,
@@ -228,15 +231,20 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, T, _ = x.shape
-        hd = self.cfg.head_dim
-        q = self.wq(x).view(B, T, -1, hd).transpose(1, 2)
-        k = self.wk(x).view(B, T, -1, hd).transpose(1, 2)
-        v = self.wv(x).view(B, T, -1, hd).transpose(1, 2)
+        cfg, hd = self.cfg, self.cfg.head_dim
+        qkv = self.fused_qkv(self, x) if self.fused_qkv is not None else None
+        if qkv is not None:
+            q, k, v = qkv.split((cfg.q_dim, cfg.kv_dim, cfg.kv_dim), -1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, -1, hd).transpose(1, 2)
+        k = k.view(B, T, -1, hd).transpose(1, 2)
+        v = v.view(B, T, -1, hd).transpose(1, 2)
         if ctx.rope is not None:
             cos, sin = ctx.rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.kernel(q, k, v, ctx)
-        return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, T, -1)))
+        out = self.wo(self.kernel(q, k, v, ctx).transpose(1, 2).reshape(B, T, -1))
+        return self.resid_dropout(out) if self.training else out  # (a module call saved per layer when decoding)
 
     def _softmax_attention(self, q, k, v, ctx: AttentionContext):
         bias = ctx.bias

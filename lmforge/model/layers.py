@@ -46,7 +46,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(self.act(self.up(x))))
+        out = self.down(self.act(self.up(x)))
+        return self.dropout(out) if self.training else out
 
 
 class SwiGLU(nn.Module):
@@ -60,7 +61,8 @@ class SwiGLU(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
+        out = self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.dropout(out) if self.training else out
 
 
 def make_ffn(cfg: ModelConfig) -> nn.Module:

@@ -104,7 +104,8 @@ class Transformer(nn.Module):
         x = self.tok_emb(idx)
         if self.add_positions is not None:
             x = x + self.add_positions(ctx.q_pos).to(x.dtype)
-        x = self.dropout(x)
+        if self.training:
+            x = self.dropout(x)
         for block in self.blocks:
             x = block(x, ctx)
         return self.norm_f(x)

@@ -53,6 +53,25 @@ def test_gemv_rejects_what_it_cannot_read():
         kernels.gemv(w.double(), torch.randn(16))
 
 
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3])
+def test_one_plan_reads_several_matrices_side_by_side(rows):
+    # q, k, v of a GQA layer: unequal heights (one not a multiple of the kernel's 4-row blocks), a bias on some
+    g = torch.Generator().manual_seed(rows)
+    parts = [(torch.randn(n, 40, generator=g), None, torch.randn(n, generator=g) if n != 13 else None)
+             for n in (24, 13, 13)]  # fmt: skip
+    x = torch.randn(rows, 40, generator=g)
+    plan = kernels.GemvPlan(parts)
+    want = torch.cat([x.double() @ w.double().T + (0 if b is None else b.double()) for w, _, b in parts], -1)
+    torch.testing.assert_close(plan(x).double(), want, rtol=1e-5, atol=1e-4)
+    tensors = [t for part in parts for t in part]
+    assert not plan.stale(*tensors)
+    tensors[0] = tensors[0].clone()  # new storage (as after .to() or a reload): the plan must be remade
+    assert plan.stale(*tensors)
+    with pytest.raises(ValueError, match="one weight dtype"):
+        kernels.GemvPlan([parts[0], (parts[1][0].bfloat16(), None, None)])
+
+
 def sdpa_reference(q, keys, values, b):
     """Row b's attention by torch SDPA over its keys [T, Hk, D] (gathered by hand), GQA expanded by SDPA."""
     return F.scaled_dot_product_attention(q[b : b + 1], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
@@ -125,6 +144,34 @@ def test_optimized_model_gives_the_same_logits_and_greedy_tokens():
     prompt = idx[0, :8].tolist()
     assert generate(fast, prompt, max_new_tokens=16, temperature=0) == generate(model, prompt, max_new_tokens=16,
                                                                                 temperature=0)  # fmt: skip
+
+
+@needs_kernels
+def test_fused_qkv_decode_steps_equal_the_plain_model_and_follow_replaced_layers(monkeypatch):
+    from lmforge.infer.fastpath import FusedProjections
+    from lmforge.infer.kv_cache import ContiguousKVCache
+
+    model = tiny_model()
+    fast = optimize_for_decode(copy.deepcopy(model))
+    products = []  # what each fused call returned: a tensor, or None when it left the layer to its projections
+    fused_call = FusedProjections.__call__
+    monkeypatch.setattr(FusedProjections, "__call__", lambda *a: products.append(fused_call(*a)) or products[-1])
+
+    def steps(m):
+        cache = ContiguousKVCache(m.cfg, 1, 32)
+        with torch.no_grad():
+            m(torch.arange(8)[None], cache=cache)
+            return torch.cat([m(torch.tensor([[t]]), cache=cache) for t in (3, 9, 27)], 1)
+
+    torch.testing.assert_close(steps(fast), steps(model), rtol=1e-5, atol=1e-5)
+    assert any(p is not None for p in products)  # the one-token steps took the fused product
+    products.clear()
+    fast.blocks[0].attn.wq = copy.deepcopy(model.blocks[0].attn.wq)  # replaced after optimising: a plain Linear
+    with torch.no_grad():
+        fast.blocks[0].attn.wq.weight.mul_(2)
+        model.blocks[0].attn.wq.weight.mul_(2)
+    torch.testing.assert_close(steps(fast), steps(model), rtol=1e-5, atol=1e-5)
+    assert None in products  # layer 0 fell back to three products: it never read the old wq
 
 
 @needs_kernels

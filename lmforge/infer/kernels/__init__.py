@@ -79,7 +79,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     for name in _FUNCTIONS.values():
         fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3
+        fn.argtypes = [ctypes.c_long] + [ctypes.c_void_p] * 6 + [ctypes.c_long] * 2
         fn.restype = None
     lib.decode_attention.argtypes = (
         [ctypes.c_void_p] * 5 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 6 + [ctypes.c_float]
@@ -119,26 +119,59 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = Non
     """y = (x · weightᵀ) · scale + bias in fp32, shaped [..., out] like x [..., in], from weight [out, in] (fp32, bf16
     or int8) and optional fp32 scale [out] (per output row) and bias [out], all contiguous CPU tensors. Any number
     of rows; meant for few (≤ MAX_ROWS). No autograd: for inference. Raises RuntimeError when `available()` is
-    False.
+    False. A module calling this every decode step keeps a `GemvPlan` instead."""
+    plan = GemvPlan([(weight, scale, bias)])
+    if x.shape[-1] != plan.inp or x.dtype != torch.float32 or not (x.is_contiguous() and x.is_cpu):
+        raise ValueError(f"gemv takes an fp32 contiguous CPU x [..., {plan.inp}], got {x.dtype} {tuple(x.shape)}")
+    return plan(x)
 
-    Checked with a handful of attribute reads: a decode step calls this ~70 times, and each µs here is ~0.3% of
-    GPT-2-small's step."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("lmforge's decode kernels are not available here: check kernels.available() first")
-    out, inp = weight.shape
-    fn = getattr(lib, _FUNCTIONS.get(weight.dtype, ""), None)
-    readable = weight.is_contiguous() and x.is_contiguous() and weight.is_cpu and x.is_cpu
-    if readable and (scale is not None or bias is not None):
-        readable = all(t is None or (t.is_contiguous() and t.is_cpu) for t in (scale, bias))
-    if fn is None or x.shape[-1] != inp or x.dtype != torch.float32 or not readable:
-        got = f"{weight.dtype} {tuple(weight.shape)} and {x.dtype} {tuple(x.shape)}"
-        raise ValueError(f"gemv takes contiguous CPU tensors: weight [out, in] in {WEIGHT_DTYPES} and an fp32 x "
-                         f"[..., {inp}], got {got}")  # fmt: skip
-    y = torch.empty((*x.shape[:-1], out))
-    fn(weight.data_ptr(), x.data_ptr(), scale if scale is None else scale.data_ptr(),
-       bias if bias is None else bias.data_ptr(), y.data_ptr(), out, inp, x.numel() // inp)  # fmt: skip
-    return y
+
+class GemvPlan:
+    """`gemv` with the weight side checked once, for a module that calls it at every decode step: a call is then
+    one `torch.empty` and one C call. (The checks of a plain `gemv` call cost ~10-20 µs, and a GPT-2 step makes ~70
+    products: ~1 ms of a ~25 ms step.) `parts` are (weight, scale, bias) triples of one weight dtype and one `in`:
+    several matrices are read in one call and their outputs laid side by side, [..., Σ out] (a layer's q, k and v).
+
+    It holds addresses, not tensors (a deep copy of a module copies no weights through it): the caller keeps the
+    tensors alive and asks `stale(...)` with the same tensors before a call, since `.to()` or `load_state_dict`
+    may move them. `plan(x)` trusts that x is fp32, contiguous, on the CPU with last dim `inp`: `gemv_applies`."""
+
+    __slots__ = ("function", "out", "inp", "pointers", "_arrays")
+
+    def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]):
+        if _library() is None:
+            raise RuntimeError("lmforge's decode kernels are not available here: check kernels.available() first")
+        for weight, scale, bias in parts:
+            readable = all(t is None or (t.is_contiguous() and t.is_cpu) for t in (weight, scale, bias))
+            fp32_sides = all(t is None or t.dtype == torch.float32 for t in (scale, bias))
+            if weight.dtype not in _FUNCTIONS or weight.dim() != 2 or not (readable and fp32_sides):
+                raise ValueError(f"gemv takes a contiguous CPU weight [out, in] in {WEIGHT_DTYPES} and fp32 "
+                                 f"contiguous scale and bias, got {weight.dtype} {tuple(weight.shape)}")  # fmt: skip
+        if len({(w.dtype, w.shape[1]) for w, _, _ in parts}) != 1:
+            raise ValueError("matrices read in one gemv call need one weight dtype and one input width")
+        self.function = _FUNCTIONS[parts[0][0].dtype]
+        self.inp = parts[0][0].shape[1]
+        self.out = sum(w.shape[0] for w, _, _ in parts)
+        self.pointers = tuple(None if t is None else t.data_ptr() for part in parts for t in part)
+        n = len(parts)
+        self._arrays = (  # weights, scales, biases, outs: C arrays, kept alive with the plan
+            (ctypes.c_void_p * n)(*self.pointers[0::3]),
+            (ctypes.c_void_p * n)(*self.pointers[1::3]),
+            (ctypes.c_void_p * n)(*self.pointers[2::3]),
+            (ctypes.c_long * n)(*(w.shape[0] for w, _, _ in parts)),
+            n,
+        )
+
+    def stale(self, *tensors: torch.Tensor | None) -> bool:
+        """Whether these (weight, scale, bias, ...) are not the tensors planned for: new storage, a bias gone."""
+        return tuple(None if t is None else t.data_ptr() for t in tensors) != self.pointers
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty((*x.shape[:-1], self.out))
+        ws, scales, biases, outs, n = self._arrays
+        getattr(_library(), self.function)(n, ws, scales, biases, outs, x.data_ptr(), y.data_ptr(), self.inp,
+                                           x.numel() // self.inp)  # fmt: skip
+        return y
 
 
 MAX_HEAD_DIM = 256  # decode.c keeps a query and an accumulator in registers/stack arrays of 32 × 8 floats

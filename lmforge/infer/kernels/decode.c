@@ -1,6 +1,7 @@
 /* Kernels for decode steps, where torch's general-purpose ones spend more time than the work needs.
  *
- * gemv_*: one-row matrix-vector products y = (W·x) · scale + bias, W [out, in] row-major, x [in] fp32.
+ * gemv_*: one-row matrix-vector products y = (W·x) · scale + bias, W [out, in] row-major, x [in] fp32 (a few
+ * rows x at once, and a few matrices W side by side).
  *
  * A batch-1 decode step reads every weight once, so its speed is the rate at which W streams from memory.
  * torch's CPU path for a 1-row matmul reached ~16-20 GB/s on the 2-core AVX2 machine lmforge is developed on;
@@ -81,15 +82,31 @@ static inline float load1_i8(const int8_t *p) { return (float)*p; }
             }                                                                                               \
     }
 
-/* y[m] = (W · x[m]) · scale + bias for m input rows x [m, in] (y [m, out]). Each thread takes blocks of ROWS
- * weight rows and runs every input row over them while they are in cache: the weights stream from memory once. */
+/* Block b of matrices laid side by side: sets the matrix it falls in and that matrix's first output column; returns
+ * the block's index inside that matrix. */
+static inline long locate_block(const long *outs, long b, long *mat, long *col) {
+    while (b >= (outs[*mat] + ROWS - 1) / ROWS) {
+        b -= (outs[*mat] + ROWS - 1) / ROWS;
+        *col += outs[(*mat)++];
+    }
+    return b;
+}
+
+/* y[m] = (W · x[m]) · scale + bias for m input rows x [m, in], over n_mats matrices W_i [outs[i], in] side by side:
+ * y [m, Σ outs] holds W_0's outputs, then W_1's, ... (q, k and v of one layer in a single call: one parallel
+ * region instead of three). scales[i] and biases[i] may be NULL. Each thread takes blocks of ROWS weight rows and
+ * runs every input row over them while they are in cache: the weights stream from memory once. */
 #define GEMV(NAME, T)                                                                                       \
     BLOCK(NAME, T)                                                                                          \
-    void gemv_##NAME(const T *w, const float *x, const float *scale, const float *bias, float *y, long out,   \
-                     long in, long m) {                                                                     \
-        long blocks = (out + ROWS - 1) / ROWS;                                                              \
+    void gemv_##NAME(long n_mats, const T *const *ws, const float *const *scales, const float *const *biases, \
+                     const long *outs, const float *x, float *y, long in, long m) {                         \
+        long blocks = 0, total = 0;                                                                         \
+        for (long i = 0; i < n_mats; i++) blocks += (outs[i] + ROWS - 1) / ROWS, total += outs[i];          \
         _Pragma("omp parallel for schedule(static)") for (long b = 0; b < blocks; b++) {                    \
-            long r0 = b * ROWS, rows = out - r0 < ROWS ? out - r0 : ROWS;                                   \
+            long mat = 0, col = 0, first = locate_block(outs, b, &mat, &col);                               \
+            const T *w = ws[mat];                                                                           \
+            const float *scale = scales[mat], *bias = biases[mat];                                          \
+            long r0 = first * ROWS, rows = outs[mat] - r0 < ROWS ? outs[mat] - r0 : ROWS;                   \
             for (long i = 0; i < m; i += 2) {                                                               \
                 const float *xs[2] = {x + i * in, x + (i + 1) * in};                                        \
                 float sums[2][ROWS];                                                                        \
@@ -103,7 +120,7 @@ static inline float load1_i8(const int8_t *p) { return (float)*p; }
                         float s = sums[j][r];                                                               \
                         if (scale) s *= scale[r0 + r];                                                      \
                         if (bias) s += bias[r0 + r];                                                        \
-                        y[(i + j) * out + r0 + r] = s;                                                      \
+                        y[(i + j) * total + col + r0 + r] = s;                                              \
                     }                                                                                       \
             }                                                                                               \
         }                                                                                                   \
