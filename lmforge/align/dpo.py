@@ -1,5 +1,6 @@
 """Direct Preference Optimisation (Rafailov et al. 2023): fine-tune the policy on preference pairs against a
-frozen reference, with no reward model and no sampling. IPO and conservative label smoothing are options.
+frozen reference, with no reward model and no sampling. IPO, conservative label smoothing and an NLL term on the
+chosen responses (`rpo_alpha`, Pang et al. 2024) are options.
 
     lmforge dpo --config configs/dpo/arith.yaml base=runs/arith-sft data=prefs.jsonl beta=0.1
     lmforge dpo ... lora.enabled=true            # the reference is the policy with its adapters off
@@ -37,6 +38,10 @@ class DPOConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0  # conservative DPO's ε
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo
+    # α·NLL per token of the chosen response, added to the loss (Pang et al. 2024, "Iterative Reasoning Preference
+    # Optimization"; TRL's rpo_alpha): plain DPO can lower the chosen answers' likelihood along with the rejected
+    # ones, which on tasks with one right answer costs greedy accuracy; 0 = plain DPO
+    rpo_alpha: float = 0.0
     val_fraction: float = 0.1
     max_len: int | None = None
     seed: int = 0
@@ -60,6 +65,8 @@ class DPOConfig:
             raise ValueError(f"beta must be positive, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.rpo_alpha < 0:
+            raise ValueError(f"rpo_alpha must be ≥ 0, got {self.rpo_alpha}")
         if self.loss_type not in ("sigmoid", "ipo"):
             raise ValueError(f"loss_type must be sigmoid or ipo, got {self.loss_type!r}")
 
@@ -81,10 +88,15 @@ def reference_logprobs(model, tokenizer, pairs: list[dict], max_len: int, batch:
 def dpo_batch_loss(cfg: DPOConfig, tokenizer, max_len: int):
     def loss_fn(model, batch):
         b, ref = batch
-        out = dpo_loss(sequence_logprob(model, b.chosen, b.chosen_mask),
-                       sequence_logprob(model, b.rejected, b.rejected_mask), ref[:, 0], ref[:, 1],
+        chosen = sequence_logprob(model, b.chosen, b.chosen_mask)
+        out = dpo_loss(chosen, sequence_logprob(model, b.rejected, b.rejected_mask), ref[:, 0], ref[:, 1],
                        beta=cfg.beta, label_smoothing=cfg.label_smoothing, loss_type=cfg.loss_type)  # fmt: skip
-        return out.loss, out.metrics()
+        metrics = out.metrics()
+        if not cfg.rpo_alpha:
+            return out.loss, metrics
+        nll = -(chosen / b.chosen_mask[:, 1:].sum(-1).clamp(min=1)).mean()
+        metrics["nll_chosen"] = nll.item()
+        return out.loss + cfg.rpo_alpha * nll, metrics
 
     return loss_fn
 

@@ -4,15 +4,19 @@ the reward model, turned into advantages by GAE, and consumed in minibatch epoch
 
     lmforge ppo --config configs/ppo/arith.yaml base=runs/arith-sft reward_model=runs/arith-rm task=add:digits=3
 
-Reward per response token t: −β·(log π − log π_ref)_t (k1), plus the reward model's score on the last token.
-The value head shares the policy's trunk. β is fixed or adapted towards `target_kl` (Ziegler et al. 2019,
-§2.2). Logged: reward (the model's score), KL (k1 summed per response; k3 beside it, Schulman 2020), entropy,
-clip fraction, value loss, β, and the held-out accuracy from the task's true grader — used for evaluation
-only, never as a reward. A finished run's last checkpoint holds the policy alone (no value head).
+Reward per response token t: −β·(log π − log π_ref)_t (k1), plus the reward model's score on the last token,
+normalised to mean 0 and std 1 over the starting policy's samples (Ziegler et al. 2019). The critic is a copy of
+the reward model's trunk with a zero-initialised head (InstructGPT initialises the value function from the reward
+model, Ouyang et al. 2022 §3.5), so value gradients never reach the policy; `critic=shared` puts a value head on
+the policy's own trunk instead. β is fixed or adapted towards `target_kl` (Ziegler et al. 2019, §2.2). Logged:
+reward (the model's score), KL (k1 summed per response; k3 beside it, Schulman 2020), entropy, clip fraction,
+value loss, β, and the held-out accuracy from the task's true grader — used for evaluation only, never as a
+reward. A finished run's last checkpoint holds the policy alone (no critic).
 """
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass, field
 
@@ -31,19 +35,30 @@ from .stage import create_run, frozen_reference, load_base
 
 
 class PolicyWithValue(nn.Module):
-    """The policy's transformer plus a value head on its hidden states: logits and values for every position
-    that predicts a token (values[:, t] is the value of the state before token t + 1)."""
+    """The policy's transformer and a value function: logits and values for every position that predicts a
+    token (values[:, t] is the value of the state before token t + 1).
 
-    def __init__(self, policy: Transformer):
+    With `critic` (a reward model: trunk + scalar head) the values come from its own trunk, so the policy's
+    weights see policy gradients only. Without it a zero-initialised head reads the policy's hidden states:
+    cheaper, but on a small model the value loss (returns on the reward model's scale, ~10) then dominates the
+    shared trunk's gradient and drags the policy."""
+
+    def __init__(self, policy: Transformer, critic: nn.Module | None = None):
         super().__init__()
         self.policy = policy
-        self.value_head = nn.Linear(policy.cfg.d_model, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        self.critic = critic
+        if critic is None:
+            self.value_head = nn.Linear(policy.cfg.d_model, 1)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
 
     def forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.policy.hidden_states(rows[:, :-1])
-        return self.policy.lm_head(hidden).float(), self.value_head(hidden).squeeze(-1).float()
+        if self.critic is None:
+            values = self.value_head(hidden)
+        else:
+            values = self.critic.head(self.critic.backbone.hidden_states(rows[:, :-1]))
+        return self.policy.lm_head(hidden).float(), values.squeeze(-1).float()
 
 
 @dataclass
@@ -68,6 +83,10 @@ class PPOConfig:
     value_clip: float = 0.2
     vf_coef: float = 0.1
     whiten_rewards: bool = False
+    # score → (score − μ)/σ, μ and σ measured once on the starting policy's samples (Ziegler et al. 2019, §2.2):
+    # a Bradley–Terry score has no fixed scale, and β only means something against a reward of known scale
+    normalize_reward: bool = True
+    critic: str = "reward_model"  # reward_model: a separate critic initialised from it | shared: a head on the policy
     eval_n: int = 200
     seed: int = 0
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -80,6 +99,8 @@ class PPOConfig:
                              f"({self.minibatch})")  # fmt: skip
         if self.beta < 0:
             raise ValueError(f"beta must be ≥ 0, got {self.beta}")
+        if self.critic not in ("reward_model", "shared"):
+            raise ValueError(f"critic must be reward_model or shared, got {self.critic!r}")
 
     @property
     def steps_per_rollout(self) -> int:
@@ -124,6 +145,30 @@ def ppo_loss(clip: float, value_clip: float, vf_coef: float):
     return loss_fn
 
 
+def critic_from(reward_model: nn.Module) -> nn.Module:
+    """A trainable copy of the reward model's trunk with a head starting at zero: values start at the normalised
+    reward's mean. (Its own head is trained on last tokens only: read at every position of a response it gave
+    values σ apart from one token to the next, and GAE turned those into advantages that were mostly noise.)"""
+    critic = copy.deepcopy(reward_model).requires_grad_(True)
+    nn.init.zeros_(critic.head.weight)
+    nn.init.zeros_(critic.head.bias)
+    return critic
+
+
+@torch.no_grad()
+def reward_scale(policy, tokenizer, reward_model, pool: list, cfg: PPOConfig, n: int = 256) -> tuple[float, float]:
+    """Mean and std of the reward model's score on the starting policy's samples for n train prompts (a fixed
+    seed, so a resumed run measures the same numbers before its checkpoint is loaded)."""
+    prompts = random.Random(cfg.seed).sample(pool, min(n, len(pool)))
+    # seed 10⁶: the training rollouts are keyed by step, so theirs stay below it
+    out = rollout(policy, tokenizer, [e.prompt_messages() for e in prompts], n=1, temperature=cfg.temperature,
+                  max_new_tokens=cfg.max_new_tokens, seed=10**6)  # fmt: skip
+    scores = reward_model(out.rows, out.last)
+    mean, std = scores.mean().item(), scores.std().item() if len(scores) > 1 else 1.0
+    print(f"reward model score on the starting policy's samples: mean {mean:.3f}, std {std:.3f} (normalised to 0, 1)")
+    return mean, max(std, 1e-6)
+
+
 def run(cfg: PPOConfig) -> RunDir:
     from lmforge.data.tasks import examples, get_task
     from lmforge.train.checkpoint import save_checkpoint
@@ -145,10 +190,13 @@ def run(cfg: PPOConfig) -> RunDir:
     reference_logp = frozen_reference(policy, cfg.lora.enabled)
     if cfg.lora.enabled:
         apply_lora(policy, cfg.lora)  # the reference is the policy with its adapters off: no second copy
-    model = PolicyWithValue(policy)
+    critic = critic_from(reward_model) if cfg.critic == "reward_model" else None
+    model = PolicyWithValue(policy, critic)
     kl_control = AdaptiveKL(cfg.beta, cfg.target_kl, cfg.kl_horizon)
     run_dir = create_run(cfg, tok_path)
     cache: dict[int, tuple[PPOBatch, list[int]]] = {}
+
+    score_mean, score_std = reward_scale(policy, tokenizer, reward_model, pool, cfg) if cfg.normalize_reward else (0, 1)
 
     @torch.no_grad()
     def make_rollout(key: int) -> PPOBatch:
@@ -160,7 +208,7 @@ def run(cfg: PPOConfig) -> RunDir:
         logits, values = model(out.rows)
         old_logp = torch.gather(F.log_softmax(logits, -1), 2, out.rows[:, 1:, None]).squeeze(2)
         ref_logp = reference_logp(out.rows)
-        scores = reward_model(out.rows, out.last)
+        scores = (reward_model(out.rows, out.last) - score_mean) / score_std
         k1 = kl_k1(old_logp, ref_logp) * mask
         rewards = -kl_control.beta * k1  # the per-token KL penalty, as in InstructGPT
         rewards[torch.arange(len(out)), out.last - 1] += scores  # the score lands on the last response token

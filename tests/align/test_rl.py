@@ -10,7 +10,7 @@ import torch
 
 from lmforge.align.grpo import GroupBatch, grpo_loss
 from lmforge.align.losses import group_advantages, token_logprobs
-from lmforge.align.ppo import AdaptiveKL, PolicyWithValue, PPOBatch, ppo_loss
+from lmforge.align.ppo import AdaptiveKL, PolicyWithValue, PPOBatch, critic_from, ppo_loss
 from lmforge.align.rollout import rollout
 from lmforge.config import load_config
 
@@ -93,6 +93,29 @@ def test_ppo_step_moves_policy_and_value_head_only_where_gradients_flow(base_run
     assert {"clip_fraction", "value_loss", "entropy", "policy_loss"} <= set(metrics)
     assert metrics["clip_fraction"] == 0.0  # ratio is exactly 1 before the first update
     step_and_check(model, loss, {})
+
+
+def test_ppo_with_a_critic_from_the_reward_model_keeps_value_gradients_off_the_policy(base_run):
+    from lmforge.align.reward import RewardModel
+
+    _, base, _, _ = base_run
+    policy, tok = load_base(base)
+    reward_model = RewardModel(load_base(base)[0]).requires_grad_(False)
+    rm_weights = {n: p.clone() for n, p in reward_model.named_parameters()}
+    model = PolicyWithValue(policy, critic_from(reward_model)).train()
+    out = rollout(policy, tok, PROMPTS, n=2, temperature=1.0, max_new_tokens=4, seed=3)
+    mask = out.mask[:, 1:].float()
+    with torch.no_grad():
+        logits, values = model(out.rows)
+        old = torch.gather(torch.log_softmax(logits, -1), 2, out.rows[:, 1:, None]).squeeze(2)
+    assert not values.any()  # the critic's head starts at zero: every value is the normalised reward's mean
+    zero_adv = torch.zeros_like(old)  # no policy signal: only the value loss has a gradient
+    batch = PPOBatch(out.rows, mask, old, values * mask, zero_adv, (values + 1) * mask, {})
+    loss, _ = ppo_loss(0.2, 0.2, 0.1)(model, batch)
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.policy.parameters())  # value loss stays off it
+    assert any(p.grad is not None and p.grad.any() for p in model.critic.parameters())
+    assert all(torch.equal(p, rm_weights[n]) for n, p in reward_model.named_parameters())
 
 
 def test_grpo_and_ppo_runs_end_to_end(base_run):

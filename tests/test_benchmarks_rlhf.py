@@ -1,0 +1,30 @@
+"""The RLHF benchmark's careless demonstrator: the slip it makes, by hand, and demonstrations SFT can read."""
+
+import random
+
+from benchmarks import rlhf
+from lmforge.data.tasks import load_jsonl_messages
+
+
+def test_the_careless_demonstrator_forgets_only_a_ones_column_carry():
+    rng = random.Random(0)
+    assert rlhf.careless_sum(17, 25, forget=1.0, rng=rng) == 32  # 7 + 5 carries: the 1 is dropped
+    assert rlhf.careless_sum(17, 25, forget=0.0, rng=rng) == 42
+    assert rlhf.careless_sum(12, 93, forget=1.0, rng=rng) == 105  # only the tens column carries: kept
+    wrong = sum(rlhf.careless_sum(19, 1, 0.6, rng) != 20 for _ in range(2000))
+    assert 1100 < wrong < 1300  # ~60%
+
+
+def test_careless_demonstrations_are_sft_chat_lines(tmp_path, monkeypatch):
+    monkeypatch.setattr(rlhf, "TASK", "add:digits=2")
+    path = tmp_path / "demos.jsonl"
+    stats = rlhf.careless_demonstrations(path, 400, forget=1.0)
+    chats = load_jsonl_messages(path)
+    assert len(chats) == 400 and [m["role"] for m in chats[0]] == ["user", "assistant"]
+    wrong = 0
+    for chat in chats:
+        a, b = (int(x) for x in chat[0]["content"].removeprefix("What is ").removesuffix("?").split(" + "))
+        expected = a + b - 10 if a % 10 + b % 10 >= 10 else a + b
+        assert chat[1]["content"] == str(expected)
+        wrong += expected != a + b
+    assert stats == {"n": 400, "wrong": wrong} and 100 < wrong < 300  # ~45% of pairs carry out of the ones
