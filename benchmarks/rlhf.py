@@ -1,16 +1,22 @@
-"""RLHF end to end on a task whose answers can be checked: 3-digit addition in chat form, a tiny char-level model,
-2 CPU cores. Every method starts from the same SFT run and is judged by the task's exact grader on ≥ 1,000
-held-out prompts (greedy), with 95% intervals and the mean KL to the SFT policy.
+"""RLHF end to end on a task whose answers can be checked: 2-digit addition in chat form, a tiny char-level model,
+2 CPU cores, demonstrations from a careless demonstrator and comparisons from an exact grader. Every method starts
+from the same SFT run and is judged by the task's exact grader on ≥ 1,000 held-out prompts (greedy), with 95%
+intervals and the mean KL to the SFT policy.
 
     python -m benchmarks.rlhf              # main run, ~15 minutes on 2 cores
     python -m benchmarks.rlhf --sweep      # + PPO and DPO at three β each, for the reward-vs-KL plot
     python -m benchmarks.rlhf --quick      # a smoke run with tiny budgets (figures meaningless)
     python -m benchmarks.rlhf --record     # append the headline figures to docs/benchmarks.md
+    python -m benchmarks.rlhf --reuse      # keep base, sft, sft+, prefs and rm from the last run: RL stages only
 
 Stages (run folders in runs/rlhf-bench/):
   base       a 2-layer char model pretrained briefly on the stdlib (it only needs the alphabet)
-  sft        SFT on add:digits=3 for a fixed budget; "sft+" continues it for as many steps as PPO takes — the
-             baseline RL must beat (more SFT is what the RL compute could have bought instead)
+  demos      6,000 add:digits=2 demonstrations written by a careless demonstrator: when the ones column carries,
+             it forgets the carry 60% of the time (a classic slip). RLHF's premise is that judging an answer is
+             easier than writing a perfect one (Ouyang et al. 2022): here the judge (the grader) is exact and the
+             demonstrator is not, so imitation plateaus below what comparisons can teach
+  sft        SFT on those demonstrations for a fixed budget; "sft+" continues it on the same demonstrations for as
+             many steps as PPO takes — the baseline RL must beat (more SFT is what the RL compute could have bought)
   prefs      two samples per train prompt from the SFT policy, rated by the program grader (ties dropped)
   rm         Bradley–Terry reward model from the SFT run; pairwise accuracy on pairs from held-out prompts where
              both answers are well-formed, against a length baseline and an SFT-log-prob baseline
@@ -26,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -42,10 +50,40 @@ DATA = "data/python-stdlib-char"
 
 def budgets(quick: bool) -> dict:
     if quick:
-        return dict(task="add:digits=2", base=20, sft=600, rl=8, prompts=300, rm=20, eval_n=100, grpo_prompts=4)
-    # 3-digit addition: this model's SFT climbs from ~1% to 67% between 2,000 and 3,000 steps and reaches ~77% at
-    # 5,000 (2 digits saturate at 98.7% by 4,000 steps and prove nothing)
-    return dict(task="add:digits=3", base=300, sft=5000, rl=120, prompts=12000, rm=3000, eval_n=1000, grpo_prompts=8)
+        return dict(task="add:digits=2", base=20, sft=600, demos=500, forget=0.6, rl=8, prompts=300, prefs_rounds=1,
+                    rm=20, eval_n=100, grpo_prompts=4)  # fmt: skip
+    # 2-digit addition from a careless demonstrator. With correct demonstrations this model saturates 2 digits
+    # (98.7% after 4,000 steps), and on 3 digits SFT on 50,000 correct demonstrations was still climbing past what
+    # RL then added (78% → 83% in 120 more steps); 2,000 correct 3-digit demonstrations plateau near 72% but leave
+    # a policy that samples the same answer twice for 9 prompts in 10, so comparisons have little to say; and
+    # careless 3-digit demonstrations kept SFT at 2% for 5,000 steps.
+    # 2 digits have 10,000 problems, 1/8 held out: 6,000 demonstrations and 7,000 prompts fit the train split.
+    # RL gets 600 steps: at 120, GRPO with the true reward was +3 points (at 600: +10), and SFT on these
+    # demonstrations is flat either way (64.6% after 120 more steps, 63.8% after 600).
+    return dict(task="add:digits=2", base=300, sft=4000, demos=6000, forget=0.6, rl=600, prompts=7000, prefs_rounds=2,
+                rm=3000, eval_n=1000, grpo_prompts=8)  # fmt: skip
+
+
+def careless_sum(a: int, b: int, forget: float, rng: random.Random) -> int:
+    """a + b by a demonstrator who, when the ones column carries, forgets that carry with probability `forget`."""
+    ones = a % 10 + b % 10
+    return a + b - 10 if ones >= 10 and rng.random() < forget else a + b
+
+
+def careless_demonstrations(path: Path, n: int, forget: float, seed: int = 0) -> dict:
+    """`n` train-split prompts of TASK answered by `careless_sum`, as SFT chat JSONL; returns how many are wrong."""
+    from lmforge.data.tasks import examples, get_task
+
+    rng = random.Random(seed)
+    wrong = 0
+    lines = []
+    for e in examples(get_task(TASK), "train", n, seed=seed):
+        a, b = (int(x) for x in re.findall(r"[0-9]+", e.prompt))
+        answer = str(careless_sum(a, b, forget, rng))
+        wrong += answer != e.answer
+        lines.append(json.dumps({"messages": [*e.prompt_messages(), {"role": "assistant", "content": answer}]}))
+    path.write_text("\n".join(lines) + "\n")
+    return {"n": n, "wrong": wrong}
 
 
 def stage(name: str):
@@ -134,25 +172,15 @@ def reward_model_figures(rm_run: Path, sft_run: Path, pairs: list[dict]) -> dict
     return {"pairs": len(val), "rm": rm_ok / n, "length": length_ok / n, "sft_logprob": logp_ok / n}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run")
-    parser.add_argument("--sweep", action="store_true", help="also PPO and DPO at β ∈ {0.02, 0.1, 0.5}")
-    parser.add_argument("--record", action="store_true", help="append the headline figures to docs/benchmarks.md")
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    b = budgets(args.quick)
-    global TASK
-    TASK = b["task"]
-    from lmforge.align import dpo, grpo, ppo, reward, sft
+def prepare(b: dict) -> tuple[dict, dict, list[dict], dict]:
+    """base → sft → sft+ → prefs → rm: everything the RL stages start from. Returns the SFT figures, the reward
+    model's figures, the preference pairs and the seconds each stage took."""
+    from lmforge.align import reward, sft
     from lmforge.align.preferences import PrefsConfig, collect, read_records, to_training_pairs
     from lmforge.infer.loading import load_for_inference
     from lmforge.train.pretrain import PretrainConfig
     from lmforge.train.pretrain import run as pretrain
 
-    print(format_environment(environment()))
-    if not Path(DATA, "meta.json").is_file():
-        raise SystemExit(f"prepare the corpus first: lmforge prepare --config configs/data/stdlib-char.yaml ({DATA})")
     shutil.rmtree(ROOT, ignore_errors=True)
     seconds: dict[str, float] = {}
 
@@ -180,11 +208,17 @@ def main() -> None:
     )
     seconds["base"] = time.perf_counter() - t
 
-    t = stage(f"sft: {TASK}, {b['sft']} steps")
+    t = stage(
+        f"demos: {b['demos']:,} careless demonstrations (a ones-column carry forgotten {b['forget']:.0%} of the time)"
+    )
+    demos = careless_demonstrations(ROOT / "demos.jsonl", b["demos"], b["forget"])
+    print(f"{demos['wrong']:,} of {demos['n']:,} demonstrations are wrong")
+    seconds["demos"] = time.perf_counter() - t
+
+    t = stage(f"sft: {TASK}, {b['demos']:,} demonstrations, {b['sft']} steps")
     sft_args = [
         f"base={ROOT / 'base'}",
-        f"data=task:{TASK}",
-        "n_train=50000",
+        f"data={ROOT / 'demos.jsonl'}",
         "seq_len=128",
         "train.lr=3e-3",
         "train.min_lr=3e-4",
@@ -197,11 +231,10 @@ def main() -> None:
     results = {"sft": accuracy(policy, tok, b["eval_n"])}
     print(f"SFT held-out accuracy {results['sft']['accuracy']:.1%}")
 
-    t = stage(f"sft+: SFT continued for {b['rl']} more steps (the baseline)")
+    t = stage(f"sft+: SFT continued on the same demonstrations for {b['rl']} more steps (the baseline)")
     cont = [
         f"base={ROOT / 'sft'}",
-        f"data=task:{TASK}",
-        "n_train=50000",
+        f"data={ROOT / 'demos.jsonl'}",
         "seq_len=128",
         "train.lr=3e-4",
         "train.min_lr=3e-4",
@@ -209,24 +242,30 @@ def main() -> None:
         "train.batch_size=16",
         f"train.eval_every={b['rl']}",
     ]
-    sft.run(load_config(sft.SFTConfig, None, [*cont, *common("sft-continued", b["rl"]), "seed=1"]))
+    sft.run(load_config(sft.SFTConfig, None, [*cont, *common("sft-continued", b["rl"])]))
     results["sft+"] = accuracy(ROOT / "sft-continued", tok, b["eval_n"])
     seconds["sft+"] = time.perf_counter() - t
 
-    t = stage(f"prefs: {b['prompts']} train prompts × 2 samples, rated by the grader")
+    t = stage(f"prefs: {b['prefs_rounds']} × {b['prompts']} train prompts × 2 samples, rated by the grader")
     prefs_path = ROOT / "prefs.jsonl"
-    collect(
-        PrefsConfig(
-            policy=str(ROOT / "sft"),
-            prompts=f"task:{TASK}",
-            n_prompts=b["prompts"],
-            out=str(prefs_path),
-            rater=f"program:{TASK}",
-            max_new_tokens=6,
-            temperature_a=1.0,
-            temperature_b=1.0,
+    rounds = []
+    for r in range(b["prefs_rounds"]):  # the task has few prompts: each round samples them anew (other seeds)
+        out = ROOT / f"prefs-round{r}.jsonl"
+        collect(
+            PrefsConfig(
+                policy=str(ROOT / "sft"),
+                prompts=f"task:{TASK}",
+                n_prompts=b["prompts"],
+                out=str(out),
+                rater=f"program:{TASK}",
+                max_new_tokens=6,
+                temperature_a=1.0,
+                temperature_b=1.0,
+                seed=r * 1_000_000,
+            )
         )
-    )
+        rounds.append(out.read_text())
+    prefs_path.write_text("".join(rounds))
     pairs = to_training_pairs(read_records(prefs_path))
     seconds["prefs"] = time.perf_counter() - t
     print(f"{len(pairs)} non-tie pairs")
@@ -236,14 +275,49 @@ def main() -> None:
         f"base={ROOT / 'sft'}",
         f"data={prefs_path}",
         "train.batch_size=32",
-        "train.lr=1e-4",
-        "train.min_lr=1e-5",
+        "train.lr=1e-3",
+        "train.min_lr=1e-4",
         f"train.eval_every={b['rm']}",
         "max_len=64",
     ]
     reward.run(load_config(reward.RewardConfig, None, [*rm_args, *common("rm", b["rm"])]))
     rm_fig = reward_model_figures(ROOT / "rm", ROOT / "sft", pairs)
     seconds["rm"] = time.perf_counter() - t
+    return results, rm_fig, pairs, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run")
+    parser.add_argument("--sweep", action="store_true", help="also PPO and DPO at β ∈ {0.05, 0.5, 1}")
+    parser.add_argument("--record", action="store_true", help="append the headline figures to docs/benchmarks.md")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep base, sft, sft+, prefs and rm of the last run with these budgets")  # fmt: skip
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    b = budgets(args.quick)
+    global TASK
+    TASK = b["task"]
+    from lmforge.align import dpo, grpo, ppo
+    from lmforge.align.preferences import read_records, to_training_pairs
+    from lmforge.infer.loading import load_for_inference
+
+    print(format_environment(environment()))
+    if not Path(DATA, "meta.json").is_file():
+        raise SystemExit(f"prepare the corpus first: lmforge prepare --config configs/data/stdlib-char.yaml ({DATA})")
+    prep = ROOT / "prepared.json"
+    if args.reuse and prep.is_file() and json.loads(prep.read_text())["budgets"] == b:
+        saved = json.loads(prep.read_text())
+        results, rm_fig, seconds = saved["results"], saved["reward_model"], saved["seconds"]
+        pairs = to_training_pairs(read_records(ROOT / "prefs.jsonl"))
+        print(f"reusing base, sft, sft+, prefs and rm in {ROOT}")
+    else:
+        if args.reuse:
+            print(f"nothing to reuse in {ROOT} for these budgets: preparing from scratch")
+        results, rm_fig, pairs, seconds = prepare(b)
+        prep.write_text(json.dumps({"budgets": b, "results": results, "reward_model": rm_fig, "seconds": seconds}))
+    prefs_path = ROOT / "prefs.jsonl"
+    policy, tok = load_for_inference(ROOT / "sft")
 
     sft_model = load_for_inference(ROOT / "sft")[0]
 
@@ -253,39 +327,48 @@ def main() -> None:
             f"reward_model={ROOT / 'rm'}",
             f"task={TASK}",
             f"beta={beta}",
+            # one on-policy step per rollout of 64 prompts, as GRPO's 8 × 8 samples: with 2 epochs of minibatches of
+            # 16, 600 steps saw a sixth of the samples and PPO gained half as much
             "prompts_per_rollout=64",
-            "minibatch=16",
-            "ppo_epochs=2",
+            "minibatch=64",
+            "ppo_epochs=1",
             "max_new_tokens=6",
             "train.lr=1e-4",
             "train.min_lr=1e-5",
             f"train.eval_every={max(b['rl'] // 5, 1)}",
             f"eval_n={min(b['eval_n'], 300)}",
         ]
+        shutil.rmtree(ROOT / name, ignore_errors=True)  # a --reuse run trains the RL stages again
         ppo.run(load_config(ppo.PPOConfig, None, [*ppo_args, *common(name, b["rl"])]))
         pol = load_for_inference(ROOT / name)[0]
         results[name] = {**accuracy(pol, tok, b["eval_n"]), "kl": kl_to(pol, sft_model, tok), "beta": beta}
 
-    def run_dpo(beta: float, name: str) -> None:
+    def run_dpo(beta: float, name: str, rpo_alpha: float = 1.0) -> None:
         dpo_args = [
             f"base={ROOT / 'sft'}",
             f"data={prefs_path}",
             f"beta={beta}",
+            f"rpo_alpha={rpo_alpha}",
             "train.batch_size=32",
             "train.lr=1e-5",
             "train.min_lr=1e-6",
             f"train.eval_every={b['rl']}",
             "max_len=64",
         ]
+        shutil.rmtree(ROOT / name, ignore_errors=True)
         dpo.run(load_config(dpo.DPOConfig, None, [*dpo_args, *common(name, b["rl"])]))
         pol = load_for_inference(ROOT / name)[0]
         results[name] = {**accuracy(pol, tok, b["eval_n"]), "kl": kl_to(pol, sft_model, tok), "beta": beta}
 
-    t = stage(f"ppo: {b['rl']} steps, β = 0.05")
-    run_ppo(0.05, "ppo")
+    # β 0.2 on the normalised reward: at 0.05 the policy drifted to KL ~2 nats and lost 40 points (reward hacking)
+    t = stage(f"ppo: {b['rl']} steps, β = 0.2")
+    run_ppo(0.2, "ppo")
     seconds["ppo"] = time.perf_counter() - t
-    t = stage(f"dpo: {b['rl']} steps, β = 0.1")
+    # DPO with the NLL term on chosen answers (Pang et al. 2024), and plain DPO beside it: plain DPO lowers the
+    # chosen answers' likelihood along with the rejected ones' and fell to 12% here
+    t = stage(f"dpo: {b['rl']} steps, β = 0.1, NLL term α = 1; then plain DPO")
     run_dpo(0.1, "dpo")
+    run_dpo(0.1, "dpo-plain", rpo_alpha=0.0)
     seconds["dpo"] = time.perf_counter() - t
 
     t = stage(f"grpo: {b['rl']} steps, 8 samples a prompt")
@@ -300,6 +383,7 @@ def main() -> None:
         f"train.eval_every={b['rl']}",
         f"eval_n={min(b['eval_n'], 300)}",
     ]
+    shutil.rmtree(ROOT / "grpo", ignore_errors=True)
     grpo.run(load_config(grpo.GRPOConfig, None, [*grpo_args, *common("grpo", b["rl"])]))
     pol = load_for_inference(ROOT / "grpo")[0]
     results["grpo"] = {**accuracy(pol, tok, b["eval_n"]), "kl": kl_to(pol, sft_model, tok)}
@@ -316,7 +400,7 @@ def main() -> None:
     seconds["best-of-8"] = time.perf_counter() - t
 
     if args.sweep:
-        for beta in (0.02, 0.1, 0.5):
+        for beta in (0.05, 0.5, 1.0):
             t = stage(f"sweep β = {beta}")
             run_ppo(beta, f"ppo-beta{beta}")
             run_dpo(beta, f"dpo-beta{beta}")
@@ -354,7 +438,7 @@ def report(args, results: dict, rm_fig: dict, seconds: dict, n_pairs: int) -> No
     plots(args)
     if args.record and not args.quick:
         cmd = command_line()
-        for name in ("sft", "sft+", "ppo", "dpo", "grpo", "best-of-8"):
+        for name in ("sft", "sft+", "ppo", "dpo", "dpo-plain", "grpo", "best-of-8"):
             r = results[name]
             record(
                 f"RLHF {TASK}, tiny char model: {name} held-out greedy accuracy (n={r['n']})",
@@ -401,7 +485,8 @@ def plots(args) -> None:
     if len(sweep) > 2:
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
         for method, marker in (("ppo", "o"), ("dpo", "s")):
-            pts = sorted((v["kl"], v["accuracy"], v["beta"]) for k, v in sweep.items() if k.startswith(method))
+            pts = sorted((v["kl"], v["accuracy"], v["beta"]) for k, v in sweep.items()
+                         if k.startswith(method) and k != "dpo-plain")  # fmt: skip
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker + "-", label=method.upper())
             for kl, acc, beta in pts:
                 ax.annotate(f"β={beta:g}", (kl, acc), fontsize=7)
