@@ -463,20 +463,25 @@ def plots(args) -> None:
 
     out = Path("docs/img")
     out.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in read_metrics(ROOT / "ppo") if "heldout_accuracy" in r]
-    if rows:
-        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-        steps = [r["step"] for r in rows]
-        ax.plot(steps, [r["heldout_accuracy"] for r in rows], "o-", label="true held-out accuracy (grader)")
-        ax2 = ax.twinx()
-        ax2.plot(steps, [r["heldout_rm_score"] for r in rows], "s--", color="tab:orange", label="reward model score")
-        ax.set_xlabel("PPO step")
-        ax.set_ylabel("accuracy")
-        ax2.set_ylabel("reward model score")
-        ax.set_title("PPO: what the reward model says vs what is true")
-        lines = ax.get_legend_handles_labels()
-        more = ax2.get_legend_handles_labels()
-        ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower left")
+    # the main run, and with --sweep the smallest β beside it: where reward hacking shows
+    runs = [(name, label) for name, label in (("ppo", "β 0.2 (main)"), ("ppo-beta0.05", "β 0.05"))
+            if (ROOT / name / "metrics.jsonl").is_file()]  # fmt: skip
+    if runs:
+        fig, axes = plt.subplots(1, len(runs), figsize=(7 * len(runs), 4.2), dpi=120, squeeze=False)
+        for ax, (name, label) in zip(axes[0], runs):
+            rows = [r for r in read_metrics(ROOT / name) if "heldout_accuracy" in r]
+            steps = [r["step"] for r in rows]
+            ax.plot(steps, [r["heldout_accuracy"] for r in rows], "o-", label="true held-out accuracy (grader)")
+            ax2 = ax.twinx()
+            ax2.plot(steps, [r["heldout_rm_score"] for r in rows], "s--", color="tab:orange",
+                     label="reward model score")  # fmt: skip
+            ax.set_xlabel("PPO step")
+            ax.set_ylabel("accuracy")
+            ax2.set_ylabel("reward model score")
+            ax.set_title(f"PPO {label}: what the reward model says vs what is true")
+            lines = ax.get_legend_handles_labels()
+            more = ax2.get_legend_handles_labels()
+            ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower left")
         fig.tight_layout()
         fig.savefig(out / "rlhf_reward_vs_accuracy.png")
         plt.close(fig)

@@ -74,7 +74,9 @@ class PPOConfig:
     ppo_epochs: int = 2
     temperature: float = 1.0
     max_new_tokens: int = 8
-    beta: float = 0.05  # KL coefficient (initial, when adaptive)
+    # KL coefficient (initial, when adaptive), against the normalised reward: on benchmarks/rlhf.py 0.05 let PPO hack
+    # the reward model (KL 3.5 nats, −23 points), 0.2–0.5 gained +8.5 to +8.7 points, 1.0 +5.3
+    beta: float = 0.2
     target_kl: float | None = None  # adapt β towards this KL per response (None: fixed β)
     kl_horizon: int = 10_000
     gamma: float = 1.0
