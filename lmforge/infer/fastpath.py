@@ -35,10 +35,8 @@ class DecodeLinear(nn.Linear):
         params = self._parameters  # read directly: nn.Module's attribute lookup costs µs, ~70 times a step
         weight, bias = params["weight"], params["bias"]
         if kernels.gemv_applies(x, self.in_features):
-            plan = self.plan
-            if plan is None or plan.stale(weight, None, bias):
-                plan = self.plan = kernels.GemvPlan([(weight, None, bias)])
-            return plan(x)
+            self.plan = kernels.current_plan(self.plan, [(weight, None, bias)])
+            return self.plan(x)
         return F.linear(x, weight, bias)
 
 
@@ -57,9 +55,8 @@ class FusedProjections:
         children = [module._modules[name] for name in self.names]
         if any(type(c) is not DecodeLinear for c in children) or not kernels.gemv_applies(x, x.shape[-1]):
             return None
-        tensors = [t for c in children for t in (c._parameters["weight"], None, c._parameters["bias"])]
-        if self.plan is None or self.plan.stale(*tensors):
-            self.plan = kernels.GemvPlan([tuple(tensors[i : i + 3]) for i in range(0, len(tensors), 3)])
+        self.plan = kernels.current_plan(self.plan, [(c._parameters["weight"], None, c._parameters["bias"])
+                                                     for c in children])  # fmt: skip
         return self.plan(x)
 
 

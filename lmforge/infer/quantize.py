@@ -144,11 +144,8 @@ class QuantizedLinear(nn.Module):
     def _gemv(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """A decode step's product in lmforge's GEMV kernel (call only where `kernels.gemv_applies`)."""
         buffers = self._buffers
-        weight, bias = buffers["weight"], buffers["bias"]
-        plan = self.plan
-        if plan is None or plan.stale(weight, scale, bias):
-            plan = self.plan = kernels.GemvPlan([(weight, scale, bias)])
-        return plan(x)
+        self.plan = kernels.current_plan(self.plan, [(buffers["weight"], scale, buffers["bias"])])
+        return self.plan(x)
 
     def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias.to(y.dtype)

@@ -64,10 +64,9 @@ def test_one_plan_reads_several_matrices_side_by_side(rows):
     plan = kernels.GemvPlan(parts)
     want = torch.cat([x.double() @ w.double().T + (0 if b is None else b.double()) for w, _, b in parts], -1)
     torch.testing.assert_close(plan(x).double(), want, rtol=1e-5, atol=1e-4)
-    tensors = [t for part in parts for t in part]
-    assert not plan.stale(*tensors)
-    tensors[0] = tensors[0].clone()  # new storage (as after .to() or a reload): the plan must be remade
-    assert plan.stale(*tensors)
+    assert not plan.stale(parts) and kernels.current_plan(plan, parts) is plan
+    moved = [(parts[0][0].clone(), None, parts[0][2]), *parts[1:]]  # new storage (as after .to() or a reload)
+    assert plan.stale(moved) and kernels.current_plan(plan, moved) is not plan
     with pytest.raises(ValueError, match="one weight dtype"):
         kernels.GemvPlan([parts[0], (parts[1][0].bfloat16(), None, None)])
 

@@ -133,7 +133,7 @@ class GemvPlan:
     several matrices are read in one call and their outputs laid side by side, [..., Σ out] (a layer's q, k and v).
 
     It holds addresses, not tensors (a deep copy of a module copies no weights through it): the caller keeps the
-    tensors alive and asks `stale(...)` with the same tensors before a call, since `.to()` or `load_state_dict`
+    tensors alive and gets its plan through `current_plan` before a call, since `.to()` or `load_state_dict`
     may move them. `plan(x)` trusts that x is fp32, contiguous, on the CPU with last dim `inp`: `gemv_applies`."""
 
     __slots__ = ("function", "out", "inp", "pointers", "_arrays")
@@ -162,9 +162,9 @@ class GemvPlan:
             n,
         )
 
-    def stale(self, *tensors: torch.Tensor | None) -> bool:
-        """Whether these (weight, scale, bias, ...) are not the tensors planned for: new storage, a bias gone."""
-        return tuple(None if t is None else t.data_ptr() for t in tensors) != self.pointers
+    def stale(self, parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]) -> bool:
+        """Whether these parts are not the tensors planned for: new storage, a bias gone."""
+        return tuple(None if t is None else t.data_ptr() for part in parts for t in part) != self.pointers
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.empty((*x.shape[:-1], self.out))
@@ -172,6 +172,12 @@ class GemvPlan:
         getattr(_library(), self.function)(n, ws, scales, biases, outs, x.data_ptr(), y.data_ptr(), self.inp,
                                            x.numel() // self.inp)  # fmt: skip
         return y
+
+
+def current_plan(plan: GemvPlan | None, parts: list[tuple]) -> GemvPlan:
+    """`plan` when it was made for these parts' tensors as they are now, else a new plan for them: what a module
+    keeps between decode steps."""
+    return plan if plan is not None and not plan.stale(parts) else GemvPlan(parts)
 
 
 MAX_HEAD_DIM = 256  # decode.c keeps a query and an accumulator in registers/stack arrays of 32 × 8 floats
