@@ -317,9 +317,7 @@ def main() -> None:
         results, rm_fig, pairs, seconds = prepare(b)
         prep.write_text(json.dumps({"budgets": b, "results": results, "reward_model": rm_fig, "seconds": seconds}))
     prefs_path = ROOT / "prefs.jsonl"
-    policy, tok = load_for_inference(ROOT / "sft")
-
-    sft_model = load_for_inference(ROOT / "sft")[0]
+    sft_model, tok = load_for_inference(ROOT / "sft")  # never trained here: the KL reference and best-of-n's sampler
 
     def run_ppo(beta: float, name: str) -> None:
         ppo_args = [
@@ -395,7 +393,7 @@ def main() -> None:
 
     rm_model, _ = load_reward_model(ROOT / "rm")
     held = examples(get_task(TASK), "heldout", b["eval_n"])
-    picks = best_of_n(policy, tok, rm_model, [e.prompt for e in held], n=8, max_new_tokens=6)
+    picks = best_of_n(sft_model, tok, rm_model, [e.prompt for e in held], n=8, max_new_tokens=6)
     results["best-of-8"] = accuracy(None, tok, b["eval_n"], texts=picks)
     seconds["best-of-8"] = time.perf_counter() - t
 
