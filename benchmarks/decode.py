@@ -6,9 +6,11 @@ Both sides run the same random weights (seed 0; `lmforge.model.hf.to_hf`), with 
 
   HF generate fp32   the baseline: GPT2LMHeadModel, attn_implementation="sdpa", its default (dynamic) cache,
                      no compile, do_sample=False, max_new_tokens = min_new_tokens = 128, the same threads
-  ours fp32          `generate_stream` over `ContiguousKVCache`, no stop ids, so exactly 128 tokens, one-row
-                     products in lmforge's GEMV kernel (`lmforge.infer.fastpath.optimize_for_decode`)
-  ours bf16          `quantize_model(m, "bf16")`, the path of `lmforge generate --quantize bf16` (GEMV kernel)
+  ours fp32          `generate_stream` over `ContiguousKVCache`, no stop ids, so exactly 128 tokens, through
+                     `lmforge.infer.fastpath.optimize_for_decode` as `lmforge generate`: every layer of a decode
+                     step in one C call around lmforge's GEMV kernel
+  ours bf16          `quantize_model(m, "bf16")` then `optimize_for_decode`, the path of `lmforge generate
+                     --quantize bf16` (the same fused step, bf16 widened in the GEMV kernel)
   ours int8          weight-only int8 per channel; decode steps widen int8 to fp32 in the GEMV kernel
   ours w8a8          int8 weights × int8 dynamic activations in fbgemm
   ours int4          int4 per group of 64, dequantized on every call (a memory scheme)
@@ -215,9 +217,28 @@ def gemv_sweep(weights: Sequence[torch.Tensor], readers: dict[tuple[int, int], s
     """fn() that multiplies a 1-row input by every weight once, in model order (so, as in a decode step, each
     matrix comes from memory, not cache): the weight reads of one token and nothing else. Each weight is read by
     `readers[shape]`, the fastest of `gemv_readers` for its shape in `gemv_by_shape`: the roofline is the best
-    this CPU streams these matrices, whatever ours uses."""
+    this CPU streams these matrices, whatever ours uses. Consecutive matrices that lmforge's kernel reads with one
+    input width go in one call (a layer's q, k, v, o and up), as a fused decode step reads them: the sweep pays no
+    more Python per matrix than the step it bounds."""
     xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
-    calls = [gemv_readers(w, xs[w.shape[1]])[readers[tuple(w.shape)]] for w in weights]
+
+    def joins(before: torch.Tensor, w: torch.Tensor) -> bool:  # the kernel reads both, with one input width
+        kernel = "lmforge gemv"
+        return readers[tuple(before.shape)] == readers[tuple(w.shape)] == kernel and before.shape[1] == w.shape[1]
+
+    runs: list[list[torch.Tensor]] = []
+    for w in weights:
+        if runs and joins(runs[-1][-1], w):
+            runs[-1].append(w)
+        else:
+            runs.append([w])
+    calls = []
+    for run in runs:
+        if len(run) > 1:
+            plan = kernels.GemvPlan([(w, None, None) for w in run])
+            calls.append(lambda plan=plan, x=xs[run[0].shape[1]]: plan(x))
+        else:
+            calls.append(gemv_readers(run[0], xs[run[0].shape[1]])[readers[tuple(run[0].shape)]])
 
     def fn() -> None:
         for call in calls:
@@ -320,10 +341,11 @@ def prefix_match(a: list[int], b: list[int]) -> str:
 
 
 def make_models(base: Transformer) -> dict[str, Transformer]:
-    # Ours fp32 runs one-row products in the GEMV kernel (lmforge.infer.fastpath), as `lmforge generate` does.
+    # Every model through optimize_for_decode (lmforge.infer.fastpath), as `lmforge generate` does: batch-1 steps
+    # run every layer in one C call where the weights allow (fp32, bf16, int8), module by module elsewhere.
     models = {OURS: optimize_for_decode(copy.deepcopy(base))}
     for scheme in SCHEMES:  # quantize copies: quantize_model works in place
-        models[f"ours {scheme}"] = quantize_model(copy.deepcopy(base), scheme).eval()
+        models[f"ours {scheme}"] = optimize_for_decode(quantize_model(copy.deepcopy(base), scheme).eval())
     return models
 
 

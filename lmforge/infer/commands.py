@@ -68,8 +68,7 @@ def generate(args: argparse.Namespace) -> None:
         from lmforge.infer.engine import Engine
         from lmforge.infer.fastpath import optimize_for_decode
 
-        if not args.quantize:  # steps of a few sequences in the GEMV kernel
-            optimize_for_decode(model)
+        optimize_for_decode(model)  # steps of a few sequences in the GEMV kernel
         engine = Engine(model, tokenizer=tok, kv_dtype="int8" if args.kv == "paged-int8" else None,
                         kv_memory_gib=0.5, verbose=args.stats)  # fmt: skip
         texts: dict[int, list[str]] = {}
@@ -110,8 +109,9 @@ def _batch1_stream(model, prompt, params, args, vocab_size):
     from lmforge.infer.fastpath import optimize_for_decode
     from lmforge.infer.generate import generate_stream
 
-    if not args.quantize:  # fp32 weights: one-row steps in lmforge's GEMV kernel (quantized modules have theirs)
-        optimize_for_decode(model)
+    # One-row products of fp32 weights in lmforge's GEMV kernel (quantized modules have theirs), and batch-1 steps
+    # with every layer in one C call (lmforge.infer.fastpath).
+    optimize_for_decode(model)
     if args.draft or args.lookup:
         from lmforge.infer.loading import load_for_inference
         from lmforge.infer.speculative import speculative_generate

@@ -9,16 +9,37 @@ with autograd on go to `F.linear` as before.
 
 Each attention layer also reads its q, k and v weights in one kernel call (`FusedProjections`), with no copy of
 them: one parallel region and one Python call instead of three, ~24 fewer per GPT-2 step.
+
+A batch-1 step of a few tokens (a decode step, a speculative verification) goes further: `FusedDecode` (set on
+`Transformer.fused_decode`) runs every layer in one C call (`kernels/layer.c`): norms, q/k/v, rotary, the cache
+write, attention, the feed-forward and the residual adds run between the GEMVs without returning to Python. The
+GEMVs are most of a step's time; the ~40 torch ops a layer runs around them cost ~20% more on a 2-core CPU. The
+model runs its blocks as usual whenever the hook returns None. It applies when:
+
+- the step is batch 1, 1 to `kernels.MAX_ROWS` new tokens at the positions after the cached ones, fp32
+  activations, autograd off, the model in eval mode;
+- the cache hands out its buffers (`ContiguousKVCache.decode_buffers`: fp32 storage, no padding);
+- the model is pre-norm with LayerNorm or RMSNorm, dense causal sdpa attention (no window, no ALiBi or relative
+  bias), learned, sinusoidal, rotary or no positions, and a ReLU, GELU, tanh-GELU or SwiGLU feed-forward;
+- every projection is an fp32 `nn.Linear` (or `DecodeLinear`), a `BF16Linear` or an `Int8Linear` (q, k and v
+  of one dtype; gate and up of one dtype), with d_model, d_ff and head_dim multiples of 8.
+
+Anything else (a LoRA-wrapped or W8A8 layer, a paged cache, a batch) takes the module-by-module path. The layer
+descriptions hold addresses, remade whenever a weight's or the cache's storage changes (`.to()`, a new layer).
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.infer import kernels
+from lmforge.infer.quantize import BF16Linear, Int8Linear
 from lmforge.model.attention import Attention
+from lmforge.model.layers import MLP, RMSNorm, SwiGLU
 
 
 class DecodeLinear(nn.Linear):
@@ -73,4 +94,145 @@ def optimize_for_decode(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, Attention):
             module.fused_qkv = FusedProjections(("wq", "wk", "wv"))
+    if hasattr(model, "fused_decode"):
+        model.fused_decode = FusedDecode()
     return model
+
+
+# ---- every layer of a step in one C call -------------------------------------------------------------------
+
+F32, BF16, I8 = 0, 1, 2  # layer.c's enums
+NORMS = {nn.LayerNorm: 0, RMSNorm: 1}
+ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "swiglu": 3}
+
+
+class _Matrix(ctypes.Structure):
+    _fields_ = [("dtype", ctypes.c_long), ("out", ctypes.c_long), ("weight", ctypes.c_void_p),
+                ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]  # fmt: skip
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = (
+        [(name, ctypes.c_long) for name in ("d", "n_head", "n_kv_head", "head_dim", "d_ff", "norm", "act")]
+        + [("eps", ctypes.c_float)]
+        + [(name, ctypes.c_void_p) for name in ("norm1_w", "norm1_b", "norm2_w", "norm2_b")]
+        + [(name, _Matrix) for name in ("q", "k", "v", "o", "up", "gate", "down")]
+    )
+
+
+def _matrix(module: nn.Module) -> tuple | None:
+    """(dtype code, weight, scale, bias) of a projection layer.c can read, else None."""
+    kind = type(module)
+    if kind in (nn.Linear, DecodeLinear):  # (not a subclass with its own forward, such as a LoRA layer)
+        w, b = module._parameters["weight"], module._parameters["bias"]
+        return (F32, w, None, b) if w.dtype == torch.float32 and w.is_contiguous() else None
+    if kind is BF16Linear:
+        return BF16, module._buffers["weight"], None, module._buffers["bias"]
+    if kind is Int8Linear:
+        return I8, module._buffers["weight"], module._buffers["scale"], module._buffers["bias"]
+    return None
+
+
+def _layer_parts(block: nn.Module, act: int) -> list | None:
+    """[norm code, eps, norm tensors, matrices] of one block in layer.c's order, or None when it has a part
+    layer.c cannot run."""
+    norm1, attn, norm2, ffn = block.norm1, block.attn, block.norm2, block.ffn
+    if type(norm1) not in NORMS or type(norm2) is not type(norm1):
+        return None
+    names = ("wq", "wk", "wv", "wo")
+    if act == ACTIVATIONS["swiglu"]:
+        ffn_parts = [ffn.up, ffn.gate, ffn.down] if type(ffn) is SwiGLU else None
+    else:
+        ffn_parts = [ffn.up, None, ffn.down] if type(ffn) is MLP else None
+    if ffn_parts is None:
+        return None
+    matrices = [_matrix(attn._modules[name]) for name in names] + [None if m is None else _matrix(m) for m in ffn_parts]
+    if any(m is None for i, m in enumerate(matrices) if i != 5 or ffn_parts[1] is not None):
+        return None
+    q, k, v, o, up, gate, down = matrices
+    if len({q[0], k[0], v[0]}) != 1 or (gate is not None and gate[0] != up[0]):
+        return None
+    norms = [norm1.weight, getattr(norm1, "bias", None), norm2.weight, getattr(norm2, "bias", None)]
+    return [(NORMS[type(norm1)], norm1.eps), *norms, *matrices]
+
+
+def _tensors(layer: list):
+    """Every tensor (or None) of `_layer_parts`' output, in order."""
+    for part in layer[1:]:
+        yield from part[1:] if isinstance(part, tuple) else (part,)
+
+
+def _address(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class FusedDecode:
+    """The hook `Transformer.fused_decode`: (model, x [1, m, d], ctx) -> x after every block, or None. m ≤
+    kernels.MAX_ROWS new tokens right after what the cache holds: a decode step, a speculative verification."""
+
+    def __init__(self):
+        self.key = None  # the addresses the layer descriptions were made for
+        self.layers = None
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, ctx) -> torch.Tensor | None:
+        cfg = model.cfg
+        if (
+            x.shape[0] != 1
+            or x.shape[1] > kernels.MAX_ROWS
+            or x.dtype != torch.float32
+            or model.training
+            or torch.is_grad_enabled()
+            or not ctx.follows_cache
+            or ctx.bias is not None
+            or cfg.norm_position != "pre"
+            or cfg.attention != "sdpa"
+            or cfg.window
+            or cfg.ffn not in ACTIVATIONS
+            or cfg.d_model % 8
+            or cfg.d_ff % 8
+            or cfg.head_dim % 8
+            or cfg.head_dim > kernels.MAX_HEAD_DIM
+            or not kernels.available()
+        ):
+            return None
+        buffers = getattr(ctx.cache, "decode_buffers", None)
+        buffers = buffers() if buffers is not None else None
+        if buffers is None:
+            return None
+        k_cache, v_cache, slot = buffers
+        if k_cache.shape[2:] != (cfg.n_kv_head, k_cache.shape[3], cfg.head_dim) or len(k_cache) != cfg.n_layer:
+            return None
+        act = ACTIVATIONS[cfg.ffn]
+        parts = [_layer_parts(block, act) for block in model.blocks]
+        if any(p is None for p in parts):
+            return None
+        # Addresses with dtypes and shapes: a tensor at a freed one's address is only read as what was planned for
+        key = tuple((layer[0], *((_address(t), None if t is None else (t.dtype, t.shape)) for t in _tensors(layer)))
+                    for layer in parts)  # fmt: skip
+        if key != self.key:
+            self.layers, self.key = self._describe(cfg, parts, act), key
+        if ctx.rope is not None:
+            cos, sin = (t.contiguous() for t in ctx.rope)  # [1, 1, m, head_dim]
+            rope = cos.data_ptr(), sin.data_ptr()
+        else:
+            rope = None, None
+        m = x.shape[1]
+        x = x.contiguous().clone()
+        work = torch.empty(m * (cfg.d_model + 3 * cfg.q_dim + 2 * cfg.kv_dim + 3 * cfg.d_ff))
+        kernels._library().decode_layers(cfg.n_layer, ctypes.byref(self.layers), x.data_ptr(), m, k_cache.data_ptr(),
+                                         v_cache.data_ptr(), k_cache.shape[3], slot, *rope,
+                                         work.data_ptr())  # fmt: skip
+        return x
+
+    @staticmethod
+    def _describe(cfg, parts: list, act: int) -> ctypes.Array:
+        layers = (_Layer * cfg.n_layer)()
+        for layer, ((norm, eps), w1, b1, w2, b2, *matrices) in zip(layers, parts):
+            layer.d, layer.n_head, layer.n_kv_head = cfg.d_model, cfg.n_head, cfg.n_kv_head
+            layer.head_dim, layer.d_ff, layer.norm, layer.act, layer.eps = cfg.head_dim, cfg.d_ff, norm, act, eps
+            layer.norm1_w, layer.norm1_b, layer.norm2_w, layer.norm2_b = map(_address, (w1, b1, w2, b2))
+            for name, m in zip(("q", "k", "v", "o", "up", "gate", "down"), matrices):
+                if m is not None:
+                    dtype, w, scale, bias = m
+                    setattr(layer, name, _Matrix(dtype, w.shape[0], w.data_ptr(), _address(scale), _address(bias)))
+        return layers

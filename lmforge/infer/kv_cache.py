@@ -183,6 +183,15 @@ class ContiguousKVCache:
                                         row_offsets=self._row_offsets, token_stride=D, head_stride=slots * D,
                                         n_kv_head=Hk)  # fmt: skip
 
+    def decode_buffers(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """For a fused decode step (`lmforge.infer.fastpath.FusedDecode`), after `begin`: (k, v, slot) = the K and V
+        buffers [n_layer, 1, n_kv_head, max_len, head_dim] and the slot of this forward's first token (the others
+        follow it), when the cache holds a single unpadded row in fp32; None otherwise."""
+        store = self.store
+        if self.padded or store.k.dtype != torch.float32 or store.k.shape[1] != 1:
+            return None
+        return store.k, store.v, self._start
+
     def get_state(self, layer: int):
         return self.states[layer]
 

@@ -39,6 +39,9 @@ class AttentionContext:
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin for q_pos (keys get theirs when stored)
     k_valid: torch.Tensor | None = None  # [B, Tk]
     cache: Any = None
+    # New tokens at the positions right after everything the cache holds, no padding: token i sees every cached key
+    # and the new ones up to itself (what a fused decode step assumes; `mask` then encodes just that)
+    follows_cache: bool = False
 
 
 def attention_mask(cfg: ModelConfig, q_pos, k_pos, k_valid=None) -> torch.Tensor:

@@ -66,6 +66,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # Press & Wolf 2017
+        # Set from outside for decoding (lmforge.infer.fastpath): (model, x, ctx) -> x after every block in one
+        # fused call, or None where it does not apply (then the blocks run one by one).
+        self.fused_decode = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -106,6 +109,9 @@ class Transformer(nn.Module):
             x = x + self.add_positions(ctx.q_pos).to(x.dtype)
         if self.training:
             x = self.dropout(x)
+        fused = self.fused_decode(self, x, ctx) if self.fused_decode is not None else None
+        if fused is not None:
+            return self.norm_f(fused)
         for block in self.blocks:
             x = block(x, ctx)
         return self.norm_f(x)
@@ -114,7 +120,8 @@ class Transformer(nn.Module):
         cfg = self.cfg
         B, T = idx.shape
         plain = positions is None and cache is None and attn_mask is None
-        one_step = T == 1 and cache is not None and positions is None and attn_mask is None  # a decode step
+        follows = cache is not None and positions is None and attn_mask is None  # new tokens after the cached ones
+        one_step = T == 1 and follows  # a decode step
         if positions is None:
             start = cache_length(cache)
             positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
@@ -123,7 +130,8 @@ class Transformer(nn.Module):
         k_pos, k_valid = positions, attn_mask
         if cache is not None:
             k_pos, k_valid = cache.begin(positions, attn_mask)
-        ctx = AttentionContext(q_pos=positions, k_pos=k_pos, plain_causal=plain, k_valid=k_valid, cache=cache)
+        ctx = AttentionContext(q_pos=positions, k_pos=k_pos, plain_causal=plain, k_valid=k_valid, cache=cache,
+                               follows_cache=follows and k_valid is None)  # fmt: skip
         # One new token after everything cached, no padding, a dense causal pattern: it may see every key, so it
         # needs no mask (building one costs more than a small model's attention at that step).
         sees_all = one_step and k_valid is None and cfg.attention != "block_sparse"

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("decode.c")
+SOURCES = (Path(__file__).with_name("decode.c"), Path(__file__).with_name("layer.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm")
 _FUNCTIONS = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.int8: "gemv_i8"}
 WEIGHT_DTYPES = tuple(_FUNCTIONS)
@@ -43,9 +43,10 @@ def cache_dir() -> Path:
 
 
 def _build(compiler: str) -> Path:
-    """Compile decode.c once per (source, compiler, flags); the file name carries their hash, so an edited source
-    builds anew. Written to a temp file and renamed: a concurrent build never leaves a half-written library."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    """Compile the C sources once per (sources, compiler, flags); the file name carries their hash, so an edited
+    source builds anew. Written to a temp file and renamed: a concurrent build never leaves a half-written library."""
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(sources + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
     target = cache_dir() / f"decode-{key}.so"
     if target.exists():
         return target
@@ -53,7 +54,7 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", tmp], check=True, capture_output=True, text=True)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -85,6 +86,9 @@ def _library() -> ctypes.CDLL | None:
         [ctypes.c_void_p] * 5 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 6 + [ctypes.c_float]
     )
     lib.decode_attention.restype = None
+    pointer, number = ctypes.c_void_p, ctypes.c_long  # decode_layers(n_layer, layers, x, m, k, v, slots, slot, ...)
+    lib.decode_layers.argtypes = [number, pointer, pointer, number, pointer, pointer, number, number] + [pointer] * 3
+    lib.decode_layers.restype = None
     return lib
 
 
