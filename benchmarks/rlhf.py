@@ -24,8 +24,9 @@ Stages (run folders in runs/rlhf-bench/):
   dpo        DPO on the same pairs
   grpo       GRPO with the program's reward (8 samples a prompt)
   best-of-n  8 samples a prompt, the reward model picks (no training)
-Plots (docs/img/): the reward model's score against true accuracy during PPO (reward hacking shows as a gap),
-and, with --sweep, accuracy and reward against KL for PPO and DPO across β.
+Plots (docs/img/), written with --sweep only (so a run without it never replaces them with fewer curves): the
+reward model's score against true accuracy during PPO at β 0.2 and 0.05 (reward hacking shows as a gap), and
+accuracy against KL for PPO and DPO across β.
 """
 
 from __future__ import annotations
@@ -433,7 +434,8 @@ def report(args, results: dict, rm_fig: dict, seconds: dict, n_pairs: int) -> No
     Path(ROOT / "results.json").write_text(
         json.dumps({"results": results, "reward_model": rm_fig, "seconds": seconds}, indent=1)
     )
-    plots(args)
+    if args.sweep:
+        plots()
     if args.record and not args.quick:
         cmd = command_line()
         for name in ("sft", "sft+", "ppo", "dpo", "dpo-plain", "grpo", "best-of-8"):
@@ -451,7 +453,7 @@ def report(args, results: dict, rm_fig: dict, seconds: dict, n_pairs: int) -> No
         )
 
 
-def plots(args) -> None:
+def plots() -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -461,7 +463,7 @@ def plots(args) -> None:
 
     out = Path("docs/img")
     out.mkdir(parents=True, exist_ok=True)
-    # the main run, and with --sweep the smallest β beside it: where reward hacking shows
+    # the main run and the smallest β beside it: where reward hacking shows
     runs = [(name, label) for name, label in (("ppo", "β 0.2 (main)"), ("ppo-beta0.05", "β 0.05"))
             if (ROOT / name / "metrics.jsonl").is_file()]  # fmt: skip
     if runs:
@@ -485,7 +487,7 @@ def plots(args) -> None:
         plt.close(fig)
     results = json.loads((ROOT / "results.json").read_text())["results"]
     sweep = {k: v for k, v in results.items() if "beta" in v}
-    if len(sweep) > 2:
+    if any("-beta" in k for k in sweep):
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
         for method, marker in (("ppo", "o"), ("dpo", "s")):
             pts = sorted((v["kl"], v["accuracy"], v["beta"]) for k, v in sweep.items()

@@ -170,3 +170,11 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     mean = rewards.mean(-1, keepdim=True)
     std = rewards.std(-1, keepdim=True)
     return (rewards - mean) / (std + eps)
+
+
+def leave_one_out(rewards: torch.Tensor) -> torch.Tensor:
+    """[n_prompts, n_samples] rewards → each minus the mean of the *other* samples of its prompt (RLOO, Ahmadian et
+    al. 2024; Kool et al. 2019): n/(n − 1)·(r − mean of all n). A prompt's offset cancels; unlike GRPO's, the scale
+    is kept. Needs n ≥ 2."""
+    n = rewards.shape[-1]
+    return n / (n - 1) * (rewards - rewards.mean(-1, keepdim=True))

@@ -14,6 +14,7 @@ from lmforge.align.losses import (
     group_advantages,
     kl_k1,
     kl_k3,
+    leave_one_out,
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
@@ -110,6 +111,12 @@ def test_group_advantages_and_whitening_by_hand():
     w = masked_whiten(x, mask)
     assert masked_mean(w, mask).item() == pytest.approx(0.0, abs=1e-6)
     assert masked_mean(w**2, mask).item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_leave_one_out_baseline_by_hand():
+    # (4, 1, 1): 4 − mean(1, 1) = 3, 1 − mean(4, 1) = −1.5 (twice); a prompt's constant offset cancels
+    torch.testing.assert_close(leave_one_out(t([[4.0, 1.0, 1.0], [14.0, 11.0, 11.0]])),
+                               t([[3.0, -1.5, -1.5], [3.0, -1.5, -1.5]]))  # fmt: skip
 
 
 def test_token_and_sequence_logprobs_match_a_manual_softmax():

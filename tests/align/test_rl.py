@@ -143,6 +143,13 @@ def test_grpo_and_ppo_runs_end_to_end(base_run):
             "heldout_rm_score"} <= set(last)  # fmt: skip
     policy, _ = load_base(ppo_dir.path)  # the last checkpoint is the policy alone
     assert policy is not None
+    grouped = ppo_run(load_config(PPOConfig, None, [*common, "name=ppo-loo", f"reward_model={rm.path}",
+                                                    "task=add:digits=1", "prompts_per_rollout=2",
+                                                    "samples_per_prompt=3", "minibatch=3", "ppo_epochs=1",
+                                                    "max_new_tokens=3"]))  # fmt: skip
+    assert grouped.read_metrics()[-1]["response_len"] > 0  # 2 prompts × 3 samples, in minibatches of 3
+    with pytest.raises(ValueError, match="multiple of minibatch"):
+        PPOConfig(prompts_per_rollout=2, samples_per_prompt=3, minibatch=4).validate()
 
 
 def test_an_interrupted_ppo_run_resumes_exactly(base_run, monkeypatch):

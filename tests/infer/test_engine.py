@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lmforge.infer.engine import Engine
+from lmforge.infer.engine import Engine, prefill_groups
 from lmforge.infer.kv_cache import ContiguousKVCache
 from lmforge.infer.paged import PagedKVPool, PagedSequence
 from lmforge.infer.sampling import SamplingParams
@@ -44,6 +44,34 @@ def test_engine_greedy_equals_no_cache_recompute(overrides):
     for prompt, req in zip(batch, results, strict=True):
         assert req.seqs[0].output == greedy_recompute(model, prompt, GREEDY.max_new_tokens)
     assert engine.stats.prefill_tokens >= sum(map(len, batch))  # chunked: 24-token budget, prompts up to 40
+
+
+def test_prefill_chunks_of_similar_length_share_a_forward(monkeypatch):
+    model = tiny()
+    batch = prompts(8, lo=3, hi=12) + [prompts(1, lo=300, hi=301, seed=1)[0]]  # 8 short prompts and a long one
+    rows = []
+    forward = Engine._forward
+
+    def counted(self, seqs, tokens):
+        rows.append(len(seqs))
+        return forward(self, seqs, tokens)
+
+    monkeypatch.setattr(Engine, "_forward", counted)
+    engine = Engine(model, num_blocks=128, block_size=8, token_budget=1024)
+    results = engine.generate(batch, GREEDY)
+    assert rows[:2] == [8, 1]  # the first step: the short prompts in one padded forward, the long one alone
+    for prompt, req in zip(batch, results, strict=True):
+        assert req.seqs[0].output == greedy_recompute(model, prompt, GREEDY.max_new_tokens)
+
+
+def test_prefill_groups_bound_the_padding():
+    chunks = [("a", 16), ("b", 12), ("c", 500), ("d", 14), ("e", 600)]
+    groups = prefill_groups(chunks, slack=32)
+    assert [[name for name, _ in g] for g in groups] == [["b", "d", "a"], ["c", "e"]]  # 3 × 16 ≤ 42 + 32
+    for g in groups:
+        real = sum(n for _, n in g)
+        assert len(g) * max(n for _, n in g) <= real + max(real // 4, 32)
+    assert prefill_groups([]) == []
 
 
 @torch.no_grad()
