@@ -133,21 +133,22 @@ def _matrix(module: nn.Module) -> tuple | None:
     return None
 
 
+def _block_modules(block: nn.Module) -> tuple:
+    """(norm1, norm2, wq, wk, wv, wo, up, gate, down) of a block: what a fused step reads (gate None without one)."""
+    blocks, attn, ffn = block._modules, block._modules["attn"]._modules, block._modules["ffn"]._modules
+    return (blocks["norm1"], blocks["norm2"], attn["wq"], attn["wk"], attn["wv"], attn["wo"], ffn.get("up"),
+            ffn.get("gate"), ffn.get("down"))  # fmt: skip
+
+
 def _layer_parts(block: nn.Module, act: int) -> list | None:
-    """[norm code, eps, norm tensors, matrices] of one block in layer.c's order, or None when it has a part
+    """[(norm code, eps), norm tensors, matrices] of one block in layer.c's order, or None when it has a part
     layer.c cannot run."""
-    norm1, attn, norm2, ffn = block.norm1, block.attn, block.norm2, block.ffn
-    if type(norm1) not in NORMS or type(norm2) is not type(norm1):
+    norm1, norm2, *projections = _block_modules(block)
+    gated = act == ACTIVATIONS["swiglu"]
+    if type(norm1) not in NORMS or type(norm2) is not type(norm1) or type(block.ffn) is not (SwiGLU if gated else MLP):
         return None
-    names = ("wq", "wk", "wv", "wo")
-    if act == ACTIVATIONS["swiglu"]:
-        ffn_parts = [ffn.up, ffn.gate, ffn.down] if type(ffn) is SwiGLU else None
-    else:
-        ffn_parts = [ffn.up, None, ffn.down] if type(ffn) is MLP else None
-    if ffn_parts is None:
-        return None
-    matrices = [_matrix(attn._modules[name]) for name in names] + [None if m is None else _matrix(m) for m in ffn_parts]
-    if any(m is None for i, m in enumerate(matrices) if i != 5 or ffn_parts[1] is not None):
+    matrices = [None if m is None else _matrix(m) for m in projections]
+    if any(matrix is None for m, matrix in zip(projections, matrices) if m is not None):
         return None
     q, k, v, o, up, gate, down = matrices
     if len({q[0], k[0], v[0]}) != 1 or (gate is not None and gate[0] != up[0]):
@@ -164,13 +165,9 @@ def _fingerprint(model: nn.Module) -> tuple:
     """The modules a fused step reads and the addresses of their tensors: equal between two steps exactly when the
     layer descriptions still hold (a replaced layer is a new module; `.to()` or `param.data = ...` a new address).
     Cheap (~0.1 ms for GPT-2's 12 layers): building and checking the descriptions anew took ~0.5 ms."""
-    modules = []
-    for block in model.blocks:
-        blocks, attn, ffn = block._modules, block._modules["attn"]._modules, block._modules["ffn"]._modules
-        modules += (blocks["norm1"], blocks["norm2"], attn["wq"], attn["wk"], attn["wv"], attn["wo"], ffn.get("up"),
-                    ffn.get("gate"), ffn.get("down"))  # fmt: skip
+    modules = tuple(m for block in model.blocks for m in _block_modules(block))
     tensors = (t for m in modules if m is not None for t in (*m._parameters.values(), *m._buffers.values()))
-    return tuple(modules), tuple(t.data_ptr() for t in tensors if t is not None)
+    return modules, tuple(t.data_ptr() for t in tensors if t is not None)
 
 
 class FusedDecode:
@@ -223,7 +220,7 @@ class FusedDecode:
         else:
             rope = None, None
         m = x.shape[1]
-        x = x.contiguous().clone()
+        x = x.clone(memory_format=torch.contiguous_format)  # the kernel writes the residual stream in place
         work = torch.empty(m * (cfg.d_model + 3 * cfg.q_dim + 2 * cfg.kv_dim + 3 * cfg.d_ff))
         kernels._library().decode_layers(cfg.n_layer, ctypes.byref(self.layers), x.data_ptr(), m, k_cache.data_ptr(),
                                          v_cache.data_ptr(), k_cache.shape[3], slot, *rope,

@@ -24,7 +24,9 @@
  * no slower. */
 #define PREFETCH 8192
 
-static inline float horizontal_sum(__m256 v) {
+/* The sum of eight floats. layer.c uses it too; hidden, so the library does not export it and -O3 still inlines it
+ * here (an exported symbol of a -fPIC library may be interposed, which stops inlining). */
+__attribute__((visibility("hidden"))) float horizontal_sum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_hadd_ps(s, s);
     return _mm_cvtss_f32(_mm_hadd_ps(s, s));

@@ -21,6 +21,7 @@ void gemv_bf16(long, const uint16_t *const *, const float *const *, const float 
                const float *, float *, long, long);
 void gemv_i8(long, const int8_t *const *, const float *const *, const float *const *, const long *, const float *,
              float *, long, long);
+__attribute__((visibility("hidden"))) float horizontal_sum(__m256 v); /* decode.c */
 void decode_attention(const float *q, const float *k, const float *v, float *out, const long *tables, long n_cols,
                       long block_size, const long *lengths, const long *row_offsets, long B, long H, long Hk, long D,
                       long token_stride, long head_stride, float scale);
@@ -55,12 +56,6 @@ static void product(const Matrix *const *ms, long n, const float *x, float *y, l
     if (ms[0]->dtype == I8) gemv_i8(n, (const int8_t *const *)ws, scales, biases, outs, x, y, in, m);
 }
 
-static inline float sum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_hadd_ps(s, s);
-    return _mm_cvtss_f32(_mm_hadd_ps(s, s));
-}
-
 /* LayerNorm (Ba et al. 2016) or RMSNorm (Zhang & Sennrich 2019) of x [d] into h, in fp32 as the model computes
  * them. d is a multiple of 8 (fastpath.py checks). */
 static void norm(const Layer *L, const float *x, const float *w, const float *b, float *h) {
@@ -69,14 +64,14 @@ static void norm(const Layer *L, const float *x, const float *w, const float *b,
     if (L->norm == LAYERNORM) {
         __m256 s = _mm256_setzero_ps();
         for (long i = 0; i < d; i += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(x + i));
-        mean = sum8(s) / d;
+        mean = horizontal_sum(s) / d;
     }
     __m256 m = _mm256_set1_ps(mean), s = _mm256_setzero_ps();
     for (long i = 0; i < d; i += 8) {
         __m256 c = _mm256_sub_ps(_mm256_loadu_ps(x + i), m);
         s = _mm256_fmadd_ps(c, c, s);
     }
-    __m256 inv = _mm256_set1_ps(1.0f / sqrtf(sum8(s) / d + L->eps));
+    __m256 inv = _mm256_set1_ps(1.0f / sqrtf(horizontal_sum(s) / d + L->eps));
     for (long i = 0; i < d; i += 8) {
         __m256 y = _mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), m), inv), _mm256_loadu_ps(w + i));
         if (b) y = _mm256_add_ps(y, _mm256_loadu_ps(b + i));
