@@ -330,8 +330,8 @@ class Engine:
 def prefill_groups(chunks: list[tuple], slack: int = 256) -> list[list[tuple]]:
     """Prefill chunks (seq, n tokens) split into groups that run as one right-padded forward each. A forward has a
     fixed cost (tens of module calls, a few ms for a small model on a CPU), so 64 short prompts in one forward
-    instead of 64 made an RL rollout several times faster; but padding costs compute, so a group holds chunks of
-    similar length: padded tokens ≤ real tokens + max(a quarter of them, `slack`)."""
+    instead of 64 halved the time of an RL rollout (benchmarks/rlhf.py); but padding costs compute, so a group
+    holds chunks of similar length: padded tokens ≤ real tokens + max(a quarter of them, `slack`)."""
     groups: list[list[tuple]] = []
     real = 0
     for chunk in sorted(chunks, key=lambda c: c[1]):
