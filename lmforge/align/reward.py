@@ -2,6 +2,7 @@
 the Bradley–Terry loss (Ouyang et al. 2022, §3.5), through the one training loop.
 
     lmforge reward train --config configs/reward/arith.yaml base=runs/arith-sft data=prefs.jsonl
+    lmforge reward train --config configs/reward/arith.yaml init=runs/arith-rm data=more.jsonl  # train it on
     lmforge reward score runs/arith-rm --prompt "What is 2 + 2?" --response 4 --response 5
 
 Held-out pairwise accuracy and the mean margin r_chosen − r_rejected are logged at every eval.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -47,6 +49,9 @@ class RewardModel(nn.Module):
 @dataclass
 class RewardConfig:
     base: str = "runs/arith-sft"  # the SFT run the reward model starts from
+    # a `lmforge reward train` run to continue from instead (its trunk and head; `base` is then not read): a reward
+    # model trained further on comparisons of a newer policy's samples (iterated online RLHF, Bai et al. 2022 §4.5)
+    init: str | None = None
     data: str = "prefs.jsonl"  # pairs: `lmforge prefs collect` output or {"prompt","chosen","rejected"} lines
     name: str | None = None
     runs_dir: str = "runs"
@@ -103,12 +108,16 @@ def pairwise_accuracy(model: RewardModel, tokenizer, pairs: list[dict], max_len:
 
 
 def run(cfg: RewardConfig) -> RunDir:
-    backbone, tokenizer, tok_path = load_base(cfg)
+    if cfg.init:
+        model, tokenizer = load_reward_model(cfg.init)
+        tok_path, cfg.model = Path(cfg.init) / "tokenizer.json", model.cfg
+    else:
+        backbone, tokenizer, tok_path = load_base(cfg)
+        model = RewardModel(backbone)
     max_len = cfg.max_len or cfg.model.max_seq_len
     train_pairs, val_pairs = split_by_prompt(load_pairs(cfg.data), cfg.val_fraction, cfg.seed)
     if not train_pairs:
         raise ValueError(f"no training pairs left after holding out {cfg.val_fraction:.0%} of prompts")
-    model = RewardModel(backbone)
     run_dir = create_run(cfg, tok_path)
     tcfg = cfg.train
 

@@ -78,10 +78,12 @@ def greedy_replies(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
 
 
 def evaluate_tasks(model, tokenizer, task: Task | str, *, n: int = 1000, split: Split = "heldout", seed: int = 0,
-                   max_new_tokens: int | None = None, batch_size: int = 64, progress: bool = True) -> dict:  # fmt: skip
+                   max_new_tokens: int | None = None, batch_size: int = 64, progress: bool = True,
+                   keep_replies: bool = False) -> dict:  # fmt: skip
     """Greedy exact match of `model` on `n` prompts of `task`'s `split`. Returns
     {task, split, n, seed, correct, accuracy, ci95: [lo, hi], well_formed_rate, ended_rate, max_new_tokens,
-    generated_tokens, seconds, tokens_per_s, examples: [{prompt, expected, got, correct}, ...]}.
+    generated_tokens, seconds, tokens_per_s, examples: [{prompt, expected, got, correct}, ...]}, and with
+    `keep_replies` also replies: every reply's text and right: whether each was graded right, in prompt order.
     `max_new_tokens` defaults to the longest expected answer + ANSWER_SLACK tokens."""
     task = get_task(task)
     if n < 1:
@@ -103,7 +105,7 @@ def evaluate_tasks(model, tokenizer, task: Task | str, *, n: int = 1000, split: 
     order = [i for i in range(n) if not right[i]][:3] + [i for i in range(n) if right[i]][:2]
     shown = [{"prompt": items[i].prompt, "expected": items[i].answer, "got": replies[i].text, "correct": right[i]}
              for i in order]  # fmt: skip
-    return {
+    result = {
         "task": task.spec(),
         "split": split,
         "n": n,
@@ -119,6 +121,9 @@ def evaluate_tasks(model, tokenizer, task: Task | str, *, n: int = 1000, split: 
         "tokens_per_s": generated / seconds if seconds > 0 else 0.0,
         "examples": shown,
     }
+    if keep_replies:
+        result |= {"replies": [r.text for r in replies], "right": right}
+    return result
 
 
 def format_result(result: dict) -> str:

@@ -83,6 +83,13 @@ def test_reward_and_dpo_runs_end_to_end(base_run):
     assert "val_accuracy" in rm_dir.read_metrics()[-1]
     rm, tok = load_reward_model(rm_dir.path)
     assert score(rm, tok, ["What is 2 + 1?"] * 2, ["3", "4"]).shape == (2,)
+    # `init` continues from the reward model (trunk and head); with a vanishing lr its scores are the first's
+    tiny = ["train.lr=1e-30", "train.min_lr=1e-30"]
+    more = reward_run(load_config(RewardConfig, None, [*common, *tiny, "name=rm-more", f"init={rm_dir.path}"]))
+    fresh = reward_run(load_config(RewardConfig, None, [*common, *tiny, "name=rm-fresh"]))
+    probe = (["What is 2 + 1?"] * 2, ["3", "4"])
+    assert torch.allclose(score(load_reward_model(more.path)[0], tok, *probe), score(rm, tok, *probe), atol=1e-5)
+    assert not torch.allclose(score(load_reward_model(fresh.path)[0], tok, *probe), score(rm, tok, *probe), atol=1e-3)
     dpo_dir = dpo_run(load_config(DPOConfig, None, [*common, "name=dpo", "beta=0.2"]))
     last = dpo_dir.read_metrics()[-1]
     assert {"rewards/accuracy", "val_rewards/accuracy", "val_rewards/margin"} <= set(last)

@@ -50,6 +50,7 @@ def test_a_tiny_random_model_is_evaluated(tok):
     assert re.fullmatch(r"add:digits=2  exact match \d+\.\d% \[\d+\.\d, \d+\.\d\] \(n=12, held-out, greedy\)",
                         format_result(result))  # fmt: skip
     json.dumps(result)  # plain data
+    assert "replies" not in result  # kept only when asked for
 
 
 @pytest.mark.parametrize("position", ["rope", "learned"])
@@ -118,6 +119,10 @@ def test_grading_loop_counts_exactly_the_right_replies(tok, monkeypatch):
     assert result["ci95"] == list(exact_match_interval(n // 2, n)[1:])
     assert result["well_formed_rate"] == (n - 1) / n and result["ended_rate"] == (n - 1) / n
     assert [e["correct"] for e in result["examples"]] == [False, False, False, True, True]
+    seen.clear()
+    kept = evaluate_tasks(None, tok, "add:digits=3", n=n, seed=3, progress=False, keep_replies=True)
+    assert kept["right"] == [i % 2 == 0 for i in range(n)]  # prompt order; the unended right answer is wrong
+    assert kept["replies"][0] == f" {answers[seen[0]]}\n" and kept["replies"][1] == answers[seen[1]]
 
 
 # ---- the CLI ----------------------------------------------------------------------------------------------
