@@ -10,7 +10,7 @@ intervals and the mean KL to the SFT policy.
     python -m benchmarks.rlhf --reuse      # keep base, sft, sft+, prefs and rm from the last run: RL stages only
 
 Stages (run folders in runs/rlhf-bench/):
-  base       a 2-layer char model pretrained briefly on the stdlib (it only needs the alphabet)
+  base       a 2-layer char model (d 64, 4 heads) pretrained briefly on the stdlib (it only needs the alphabet)
   demos      6,000 add:digits=2 demonstrations written by a careless demonstrator: when the ones column carries,
              it forgets the carry 60% of the time (a classic slip). RLHF's premise is that judging an answer is
              easier than writing a perfect one (Ouyang et al. 2022): here the judge (the grader) is exact and the
@@ -53,16 +53,29 @@ def budgets(quick: bool) -> dict:
     if quick:
         return dict(task="add:digits=2", base=20, sft=600, demos=500, forget=0.6, rl=8, prompts=300, prefs_rounds=1,
                     rm=20, eval_n=100, grpo_prompts=4)  # fmt: skip
-    # 2-digit addition from a careless demonstrator. With correct demonstrations this model saturates 2 digits
+    # 2-digit addition from a careless demonstrator. (Figures in this comment come from the model with 2 heads a
+    # layer, before it had 4.) With correct demonstrations this model saturates 2 digits
     # (98.7% after 4,000 steps), and on 3 digits SFT on 50,000 correct demonstrations was still climbing past what
     # RL then added (78% → 83% in 120 more steps); 2,000 correct 3-digit demonstrations plateau near 72% but leave
     # a policy that samples the same answer twice for 9 prompts in 10, so comparisons have little to say; and
     # careless 3-digit demonstrations kept SFT at 2% for 5,000 steps.
     # 2 digits have 10,000 problems, 1/8 held out: 6,000 demonstrations and 7,000 prompts fit the train split.
     # RL gets 600 steps: at 120, GRPO with the true reward was +3 points (at 600: +10), and SFT on these
-    # demonstrations is flat either way (64.6% after 120 more steps, 63.8% after 600).
+    # demonstrations is flat either way (64.6% after 120 more steps, 63.8% after 600). With 4 heads more SFT lowers
+    # it (69.9% → 63.4% in 600 steps: the imitation follows the demonstrator's usual slip more faithfully).
     return dict(task="add:digits=2", base=300, sft=4000, demos=6000, forget=0.6, rl=600, prompts=7000, prefs_rounds=2,
                 rm=3000, eval_n=1000, grpo_prompts=8)  # fmt: skip
+
+
+def operands(prompt: str) -> tuple[int, int]:
+    a, b = (int(x) for x in re.findall(r"[0-9]+", prompt))
+    return a, b
+
+
+def carries(prompt: str) -> bool:
+    """Whether the ones column of the prompt's sum carries: where the demonstrator slips."""
+    a, b = operands(prompt)
+    return a % 10 + b % 10 >= 10
 
 
 def careless_sum(a: int, b: int, forget: float, rng: random.Random) -> int:
@@ -79,7 +92,7 @@ def careless_demonstrations(path: Path, n: int, forget: float, seed: int = 0) ->
     wrong = 0
     lines = []
     for e in examples(get_task(TASK), "train", n, seed=seed):
-        a, b = (int(x) for x in re.findall(r"[0-9]+", e.prompt))
+        a, b = operands(e.prompt)
         answer = str(careless_sum(a, b, forget, rng))
         wrong += answer != e.answer
         lines.append(json.dumps({"messages": [*e.prompt_messages(), {"role": "assistant", "content": answer}]}))
@@ -97,20 +110,24 @@ def common(name: str, steps: int) -> list[str]:
 
 
 def accuracy(run_or_model, tok, n: int, texts: list[str] | None = None) -> dict:
-    """Held-out greedy exact match of a run (or the given replies) with a Wilson 95% interval."""
+    """Held-out greedy exact match of a run (or the given replies) with a Wilson 95% interval, and how many of
+    the prompts whose ones column carries (and of the others) it gets right."""
     from lmforge.data.tasks import exact_match_interval, examples, get_task
     from lmforge.infer.loading import load_for_inference
     from lmforge.train.task_eval import evaluate_tasks
 
     task = get_task(TASK)
+    held = examples(task, "heldout", n, seed=0)
     if texts is not None:
-        held = examples(task, "heldout", n)
-        correct = sum(task.grade(e, t) for e, t in zip(held, texts))
-        rate, lo, hi = exact_match_interval(correct, n)
-        return {"accuracy": rate, "ci95": [lo, hi], "n": n}
-    model = run_or_model if not isinstance(run_or_model, (str, Path)) else load_for_inference(run_or_model)[0]
-    r = evaluate_tasks(model, tok, task, n=n, progress=False)
-    return {"accuracy": r["accuracy"], "ci95": r["ci95"], "n": n}
+        right = [task.grade(e, t) for e, t in zip(held, texts, strict=True)]
+    else:
+        model = run_or_model if not isinstance(run_or_model, (str, Path)) else load_for_inference(run_or_model)[0]
+        right = evaluate_tasks(model, tok, task, n=n, seed=0, progress=False, keep_replies=True)["right"]
+    rate, lo, hi = exact_match_interval(sum(right), n)
+    carry = [carries(e.prompt) for e in held]
+    return {"accuracy": rate, "ci95": [lo, hi], "n": n,
+            "carry": [sum(r for r, c in zip(right, carry) if c), sum(carry)],
+            "no_carry": [sum(r for r, c in zip(right, carry) if not c), n - sum(carry)]}  # fmt: skip
 
 
 @torch.no_grad()
@@ -195,7 +212,10 @@ def prepare(b: dict) -> tuple[dict, dict, list[dict], dict]:
                 *common("base", b["base"]),
                 "model.n_layer=2",
                 "model.d_model=64",
-                "model.n_head=2",
+                # 4 heads (the same weights and time as 2): a sum's leading digits read all four digits of the
+                # prompt. With 2 heads every RL method stopped near 74%, even PPO with the grader's exact reward
+                # (74% by step 120, 74.4% at step 1,200): the policy could not learn when the ones column carries
+                "model.n_head=4",
                 "model.max_seq_len=128",
                 "model.position=rope",
                 "model.ffn=swiglu",
@@ -409,27 +429,33 @@ def main() -> None:
 
 
 def report(args, results: dict, rm_fig: dict, seconds: dict, n_pairs: int) -> None:
-    base = results["sft+"]["accuracy"]
-    table = Table(["method", "held-out accuracy", "95% interval", "Δ vs SFT+ (points)", "KL to SFT (nats)"])
+    base, sft = results["sft+"]["accuracy"], results["sft"]["accuracy"]
+    table = Table(["method", "held-out accuracy", "95% interval", "Δ vs SFT+ (points)", "Δ vs SFT", "KL to SFT (nats)",
+                   "carries right", "others right"])  # fmt: skip
     for name, r in results.items():
+        rl = name not in ("sft", "sft+")
         table.add(
             name,
             f"{r['accuracy']:.1%}",
             f"[{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]",
-            f"{100 * (r['accuracy'] - base):+.1f}" if name not in ("sft", "sft+") else "",
+            f"{100 * (r['accuracy'] - base):+.1f}" if rl else "",
+            f"{100 * (r['accuracy'] - sft):+.1f}" if rl else "",
             f"{r['kl']:.2f}" if "kl" in r else "",
+            "{}/{}".format(*r["carry"]) if "carry" in r else "",
+            "{}/{}".format(*r["no_carry"]) if "no_carry" in r else "",
         )
     print(f"\n{TASK}, greedy, n = {results['sft']['n']} held-out prompts each")
     print(table.render())
     rm_ok = rm_fig["rm"] >= 0.85 and rm_fig["rm"] > max(rm_fig["length"], rm_fig["sft_logprob"])
-    ppo_ok = 100 * (results["ppo"]["accuracy"] - base) >= 10
-    dpo_ok = 100 * (results["dpo"]["accuracy"] - base) >= 5
+    # the goals are set against SFT+; checked against SFT too, in case more SFT made the baseline worse
+    ppo_ok = 100 * (results["ppo"]["accuracy"] - max(base, sft)) >= 10
+    dpo_ok = 100 * (results["dpo"]["accuracy"] - max(base, sft)) >= 5
     print(
         f"\nreward model: {rm_fig['rm']:.1%} pairwise on {rm_fig['pairs']} held-out well-formed pairs "
         f"(length {rm_fig['length']:.1%}, SFT log-prob {rm_fig['sft_logprob']:.1%}) from {n_pairs} non-tie pairs: "
         f"goal ≥ 85% and above both {verdict(rm_ok)}"
     )
-    print(f"PPO ≥ SFT+ + 10 points: {verdict(ppo_ok)}; DPO ≥ SFT+ + 5 points: {verdict(dpo_ok)}")
+    print(f"PPO ≥ SFT+ + 10 points and SFT + 10: {verdict(ppo_ok)}; DPO ≥ SFT+ + 5 and SFT + 5: {verdict(dpo_ok)}")
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + f" (total {sum(seconds.values()):.0f})")
     Path(ROOT / "results.json").write_text(
         json.dumps({"results": results, "reward_model": rm_fig, "seconds": seconds}, indent=1)
@@ -441,7 +467,7 @@ def report(args, results: dict, rm_fig: dict, seconds: dict, n_pairs: int) -> No
         for name in ("sft", "sft+", "ppo", "dpo", "dpo-plain", "grpo", "best-of-8"):
             r = results[name]
             record(
-                f"RLHF {TASK}, tiny char model: {name} held-out greedy accuracy (n={r['n']})",
+                f"RLHF {TASK}, 2-layer 4-head char model: {name} held-out greedy accuracy (n={r['n']})",
                 f"{r['accuracy']:.1%} [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]"
                 + (f", KL {r['kl']:.2f}" if "kl" in r else ""),
                 cmd,
@@ -496,6 +522,7 @@ def plots() -> None:
             for kl, acc, beta in pts:
                 ax.annotate(f"β={beta:g}", (kl, acc), fontsize=7)
         ax.axhline(results["sft+"]["accuracy"], color="gray", ls=":", label="SFT+")
+        ax.axhline(results["sft"]["accuracy"], color="gray", ls="--", label="SFT")
         ax.set_xlabel("KL to the SFT policy (nats per response)")
         ax.set_ylabel("held-out accuracy")
         ax.set_title("Accuracy vs KL across β")

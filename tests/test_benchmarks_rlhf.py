@@ -28,3 +28,17 @@ def test_careless_demonstrations_are_sft_chat_lines(tmp_path, monkeypatch):
         assert chat[1]["content"] == str(expected)
         wrong += expected != a + b
     assert stats == {"n": 400, "wrong": wrong} and 100 < wrong < 300  # ~45% of pairs carry out of the ones
+
+
+def test_accuracy_splits_replies_by_whether_the_ones_column_carries(monkeypatch):
+    from lmforge.data.tasks import examples, get_task
+
+    monkeypatch.setattr(rlhf, "TASK", "add:digits=2")
+    held = examples(get_task("add:digits=2"), "heldout", 60, seed=0)
+    assert rlhf.carries("What is 17 + 25?") and not rlhf.carries("What is 12 + 93?")
+    # right on every carrying sum, wrong on every other: the split says so, and the total adds up
+    texts = [str(sum(rlhf.operands(e.prompt)) + (0 if rlhf.carries(e.prompt) else 1)) for e in held]
+    r = rlhf.accuracy(None, None, 60, texts=texts)
+    n_carry = sum(rlhf.carries(e.prompt) for e in held)
+    assert r["carry"] == [n_carry, n_carry] and r["no_carry"] == [0, 60 - n_carry] and 0 < n_carry < 60
+    assert r["accuracy"] == n_carry / 60
