@@ -45,6 +45,7 @@ from benchmarks.harness import Table, command_line, environment, format_environm
 from lmforge.config import load_config
 
 ROOT = Path("runs/rlhf-bench")
+RUNS = {"sft+": "sft-continued"}  # result names whose run folders are named otherwise
 TASK = "add:digits=3"  # main(); --quick sets it from budgets()
 DATA = "data/python-stdlib-char"
 
@@ -149,6 +150,25 @@ def kl_to(policy, reference, tok, n: int = 200, max_new_tokens: int = 6) -> floa
     )
     mask = out.mask[:, 1:].float()
     return ((token_logprobs(policy, out.rows) - token_logprobs(reference, out.rows)) * mask).sum(1).mean().item()
+
+
+@torch.no_grad()
+def reward_model_on_samples(rm, policy, tok, n: int, k: int = 4) -> float:
+    """The reward model's pairwise accuracy on a policy's own samples: k samples at T = 1 for each of n held-out
+    prompts, every (right, wrong) pair among a prompt's samples, how often the right one scores higher. Lower on an
+    RL policy's samples than on SFT's: the policy has moved to where the reward model is weaker (overoptimisation,
+    Gao et al. 2022)."""
+    from lmforge.align.reward import score
+    from lmforge.align.rollout import rollout
+    from lmforge.data.tasks import examples, get_task
+
+    task = get_task(TASK)
+    held = examples(task, "heldout", n, seed=0)
+    out = rollout(policy, tok, [e.prompt_messages() for e in held], n=k, temperature=1.0, max_new_tokens=6, seed=7)
+    scores = score(rm, tok, [held[i].prompt for i in out.prompt_index], out.texts).view(n, k)
+    right = torch.tensor([task.grade(held[i], t) for i, t in zip(out.prompt_index, out.texts)]).view(n, k)
+    pairs = right[:, :, None] & ~right[:, None, :]  # [prompt, a, b]: sample a right, sample b wrong
+    return int((pairs & (scores[:, :, None] > scores[:, None, :])).sum()) / max(int(pairs.sum()), 1)
 
 
 def reward_model_figures(rm_run: Path, sft_run: Path, pairs: list[dict]) -> dict:
@@ -418,11 +438,23 @@ def main() -> None:
     results["best-of-8"] = accuracy(None, tok, b["eval_n"], texts=picks)
     seconds["best-of-8"] = time.perf_counter() - t
 
+    def rm_on_own_samples() -> None:
+        """The reward model's pairwise accuracy on the samples of every trained policy not measured yet."""
+        for name, r in results.items():
+            if name != "best-of-8" and "rm_own" not in r:
+                policy = load_for_inference(ROOT / RUNS.get(name, name))[0]
+                r["rm_own"] = reward_model_on_samples(rm_model, policy, tok, b["eval_n"])
+
+    t = stage("the reward model on each policy's own samples")
+    rm_on_own_samples()
+    seconds["rm on samples"] = time.perf_counter() - t
+
     if args.sweep:
         for beta in (0.05, 0.5, 1.0):
             t = stage(f"sweep β = {beta}")
             run_ppo(beta, f"ppo-beta{beta}")
             run_dpo(beta, f"dpo-beta{beta}")
+            rm_on_own_samples()
             seconds[f"sweep {beta}"] = time.perf_counter() - t
 
     report(args, results, rm_fig, seconds, len(pairs))
@@ -431,7 +463,7 @@ def main() -> None:
 def report(args, results: dict, rm_fig: dict, seconds: dict, n_pairs: int) -> None:
     base, sft = results["sft+"]["accuracy"], results["sft"]["accuracy"]
     table = Table(["method", "held-out accuracy", "95% interval", "Δ vs SFT+ (points)", "Δ vs SFT", "KL to SFT (nats)",
-                   "carries right", "others right"])  # fmt: skip
+                   "carries right", "others right", "RM on own samples"])  # fmt: skip
     for name, r in results.items():
         rl = name not in ("sft", "sft+")
         table.add(
@@ -443,6 +475,7 @@ def report(args, results: dict, rm_fig: dict, seconds: dict, n_pairs: int) -> No
             f"{r['kl']:.2f}" if "kl" in r else "",
             "{}/{}".format(*r["carry"]) if "carry" in r else "",
             "{}/{}".format(*r["no_carry"]) if "no_carry" in r else "",
+            f"{r['rm_own']:.1%}" if "rm_own" in r else "",
         )
     print(f"\n{TASK}, greedy, n = {results['sft']['n']} held-out prompts each")
     print(table.render())

@@ -42,3 +42,34 @@ def test_accuracy_splits_replies_by_whether_the_ones_column_carries(monkeypatch)
     n_carry = sum(rlhf.carries(e.prompt) for e in held)
     assert r["carry"] == [n_carry, n_carry] and r["no_carry"] == [0, 60 - n_carry] and 0 < n_carry < 60
     assert r["accuracy"] == n_carry / 60
+
+
+def test_reward_model_on_samples_counts_right_over_wrong_pairs_as_a_brute_force_loop(monkeypatch):
+    """Rollout and scores stubbed: the fraction equals a loop over every (right, wrong) pair of a prompt's samples."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import lmforge.align.reward as reward
+    import lmforge.align.rollout as rollout
+    from lmforge.data.tasks import examples, get_task
+
+    monkeypatch.setattr(rlhf, "TASK", "add:digits=2")
+    n, k = 30, 4
+    held = examples(get_task("add:digits=2"), "heldout", n, seed=0)
+    rng = random.Random(3)
+    texts = [str(sum(rlhf.operands(e.prompt)) + rng.choice([0, 0, 1, 10])) for e in held for _ in range(k)]
+    values = [rng.random() for _ in texts]
+    monkeypatch.setattr(rollout, "rollout", lambda *a, **kw: SimpleNamespace(
+        prompt_index=[i for i in range(n) for _ in range(k)], texts=texts))  # fmt: skip
+    monkeypatch.setattr(reward, "score", lambda rm, tok, prompts, responses: torch.tensor(values))
+    ok = pairs = 0
+    for i, e in enumerate(held):
+        for a in range(k):
+            for b in range(k):
+                ra = texts[i * k + a] == e.answer
+                rb = texts[i * k + b] == e.answer
+                if ra and not rb:
+                    pairs += 1
+                    ok += values[i * k + a] > values[i * k + b]
+    assert pairs > 20 and rlhf.reward_model_on_samples(None, None, None, n, k) == ok / pairs
