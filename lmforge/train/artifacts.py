@@ -31,9 +31,23 @@ def load_run_model(
     ckpt = run_dir.checkpoints / f"step_{step:06d}" if step is not None else latest_checkpoint(run_dir.checkpoints)
     if ckpt is None or not ckpt.is_dir():
         raise FileNotFoundError(f"no checkpoint in {run_dir.checkpoints}: train first, or pick another --step")
-    load_weights(ckpt, model)
+    try:
+        load_weights(ckpt, model)
+    except RuntimeError as e:  # the run holds another kind of model: say which, in one line
+        raise ConfigError(_other_model(run_dir.path, model, str(e))) from None
     model.eval()
     return model, run_dir.path / "tokenizer.json", config
+
+
+def _other_model(run: Path, model: torch.nn.Module, error: str) -> str:
+    wants_reward_model = any(name.startswith("backbone.") for name in model.state_dict())
+    holds_reward_model = 'Unexpected key(s) in state_dict: "backbone.' in error
+    if wants_reward_model and not holds_reward_model and "Missing key(s)" in error:
+        return f"{run} holds a language model, not a reward model: give a run of `lmforge reward train`"
+    if holds_reward_model and not wants_reward_model:
+        return (f"{run} holds a reward model (trunk and scalar head), not a language model: give an SFT or "
+                "pretraining run")  # fmt: skip
+    return f"{run}: its checkpoint does not fit the model its config.yaml describes ({error.splitlines()[0]})"
 
 
 def pretrain_view(run_dir: RunDir) -> PretrainConfig:

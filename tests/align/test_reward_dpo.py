@@ -108,6 +108,11 @@ def test_commands_score_and_refuse_bad_input_in_one_line(base_run, capsys):
                  "--response", "3"]) == 0  # fmt: skip
     scores = [line for line in capsys.readouterr().out.splitlines() if line.endswith(("  2", "  3"))]
     assert len(scores) == 2
+    # one run where the other kind is wanted: a language model as the reward model, and the other way round
+    assert main(["reward", "train", f"init={base}", *args[1:]]) == 2
+    assert "holds a language model, not a reward model" in capsys.readouterr().err
+    assert main(["dpo", f"base={root / 'runs' / 'rm-cli'}", f"data={pairs}", f"runs_dir={root / 'runs'}"]) == 2
+    assert "holds a reward model (trunk and scalar head), not a language model" in capsys.readouterr().err
     assert main(["dpo", f"base={base}", f"data={root / 'missing.jsonl'}", f"runs_dir={root / 'runs'}"]) == 2
     assert "no preference file" in capsys.readouterr().err
     assert main(["dpo", f"base={base}", f"data={pairs}", f"runs_dir={root / 'runs'}", "beta=-1"]) == 2
