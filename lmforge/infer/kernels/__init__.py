@@ -31,7 +31,12 @@ from pathlib import Path
 import torch
 
 SOURCES = (Path(__file__).with_name("decode.c"), Path(__file__).with_name("layer.c"))
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm")
+# Up to this many input rows the GEMV kernel reads the weights once for all of them and beats torch's GEMM (a
+# decode step, a speculative verification of γ + 1 tokens, a small batch: 7 rows took half of torch's time, 16
+# rows 60%, measured on GPT-2's block matrices); past it the product is compute-bound
+# and torch's GEMM is the better kernel.
+MAX_ROWS = 16
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm", f"-DMAX_ROWS={MAX_ROWS}")  # layer.c's too
 _FUNCTIONS = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.int8: "gemv_i8"}
 WEIGHT_DTYPES = tuple(_FUNCTIONS)
 
@@ -95,13 +100,6 @@ def _library() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the kernels are built and loaded on this machine (building them on the first call)."""
     return _library() is not None
-
-
-# Up to this many input rows the GEMV kernel reads the weights once for all of them and beats torch's GEMM (a
-# decode step, a speculative verification of γ + 1 tokens, a small batch: 7 rows took half of torch's time, 16
-# rows 60%, measured on GPT-2's block matrices); past it the product is compute-bound
-# and torch's GEMM is the better kernel.
-MAX_ROWS = 16
 
 
 def gemv_applies(x: torch.Tensor, in_features: int) -> bool:

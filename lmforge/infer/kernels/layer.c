@@ -172,7 +172,9 @@ static void add(float *x, const float *y, long n) {
  * one's address with another shape). Token i's key and value go to slot `slot` + i, and it attends to slots
  * 0..slot+i (causal among the new tokens). cos and sin: rotary tables [m, head_dim], or NULL. work: scratch of
  * at least m·(d + 3·q_dim + 2·kv_dim + 3·d_ff) floats. */
-#define MAX_ROWS 16
+#ifndef MAX_ROWS
+#error "MAX_ROWS is defined once, in lmforge/infer/kernels/__init__.py, and passed as -DMAX_ROWS"
+#endif
 void decode_layers(long n_layer, const Layer *layers, float *x, long m, float *k_cache, float *v_cache, long slots,
                    long slot, const float *cos, const float *sin, float *work) {
     long lengths[MAX_ROWS], offsets[MAX_ROWS];
