@@ -3,7 +3,7 @@
 import random
 
 from benchmarks import rlhf
-from lmforge.data.tasks import load_jsonl_messages
+from lmforge.data.chat_jsonl import load_jsonl_messages
 
 
 def test_the_careless_demonstrator_forgets_only_a_ones_column_carry():

@@ -16,8 +16,8 @@ import torch
 
 def load_pairs(path: str | Path) -> list[dict]:
     """Training pairs from a JSONL of {"prompt", "chosen", "rejected"} or of `lmforge prefs collect` records
-    (`lmforge.data.tasks.load_jsonl_preferences`), refusing a file without any."""
-    from lmforge.data.tasks import load_jsonl_preferences
+    (`lmforge.data.chat_jsonl.load_jsonl_preferences`), refusing a file without any."""
+    from lmforge.data.chat_jsonl import load_jsonl_preferences
 
     path = Path(path)
     if not path.is_file():

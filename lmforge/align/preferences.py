@@ -121,7 +121,7 @@ def load_prompts(spec: str, n: int, seed: int = 1) -> list[PromptItem]:
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f'no prompts at {path}: give task:SPEC or a JSONL of {{"prompt": ...}} lines')
-    from lmforge.data.tasks import jsonl_objects
+    from lmforge.data.chat_jsonl import jsonl_objects
 
     items: list[PromptItem] = []
     try:

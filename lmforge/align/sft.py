@@ -67,7 +67,7 @@ def conversations(cfg: SFTConfig) -> tuple[list[list[dict]], list[list[dict]]]:
         train = [e.messages() for e in examples(task, "train", cfg.n_train, seed=cfg.seed)]
         val = [e.messages() for e in examples(task, "heldout", cfg.n_val, seed=cfg.seed)] if cfg.n_val else []
         return train, val
-    from lmforge.data.tasks import load_jsonl_messages
+    from lmforge.data.chat_jsonl import load_jsonl_messages
 
     path = Path(cfg.data)
     if not path.is_file():

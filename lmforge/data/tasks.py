@@ -38,9 +38,7 @@ Specs. "name" or "name:key=value,key=value"; `Task.spec()` writes every option, 
 "add:digits=3" are the same task and draw the same examples. In a comma-separated list of tasks (the CLI's
 `--tasks`), a `key=value` piece belongs to the task before it: "sub:digits=2,negative=true,reverse".
 
-Chat data on disk. `load_jsonl_messages` reads SFT conversations ({"messages": [{"role", "content"}, ...]}
-per line) and `load_jsonl_preferences` reads preference pairs ({"prompt", "chosen", "rejected"}); both check
-every line and fail with one line naming the file and line number.
+User chat data on disk (SFT conversations, preference pairs) is read by `lmforge.data.chat_jsonl`.
 
 Standard library only: the CLI imports this module to build its help.
 """
@@ -49,14 +47,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import random
 import re
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from statistics import NormalDist
 from typing import ClassVar, Literal
 
@@ -76,9 +72,6 @@ __all__ = [
     "exact_match_interval",
     "examples",
     "get_task",
-    "jsonl_objects",
-    "load_jsonl_messages",
-    "load_jsonl_preferences",
     "parse_task_list",
     "split_of",
 ]
@@ -86,7 +79,6 @@ __all__ = [
 Split = Literal["train", "heldout"]
 SPLITS: tuple[str, ...] = ("train", "heldout")
 HELDOUT_FRACTION = 1 / 8
-ROLES = ("system", "user", "assistant")  # lmforge.tokenizer's chat roles (not imported: it needs `tokenizers`)
 
 _INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")  # ASCII digits only, no leading zeros, no "+"
 _NATURAL = re.compile(r"0|[1-9][0-9]*")
@@ -461,67 +453,3 @@ def exact_match_interval(correct: int, n: int, level: float = 0.95) -> tuple[flo
     lo = 0.0 if correct == 0 else max(0.0, center - half)
     hi = 1.0 if correct == n else min(1.0, center + half)
     return p, lo, hi
-
-
-# ------------------------------------------------------------------------------------------- JSONL data
-
-
-def jsonl_objects(path: str | Path):
-    """(line number, object) for each non-blank line; ValueError naming the line otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
-            yield number, obj
-
-
-def load_jsonl_messages(path: str | Path) -> list[list[dict]]:
-    """Conversations for SFT, one a line: {"messages": [{"role": "user", "content": "..."}, ...]}. Roles are
-    system, user, assistant; each conversation needs an assistant turn (something to learn)."""
-    conversations = []
-    for number, obj in jsonl_objects(path):
-        where = f"{path}:{number}"
-        messages = obj.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(f'{where}: expected "messages": a non-empty list of {{"role", "content"}} objects')
-        clean = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f'{where}: message {i} needs "role" and "content"')
-            if m["role"] not in ROLES:
-                raise ValueError(f"{where}: message {i} has role {m['role']!r}; roles: {', '.join(ROLES)}")
-            if not isinstance(m["content"], str):
-                raise ValueError(f"{where}: message {i} content must be a string, got {type(m['content']).__name__}")
-            clean.append({"role": m["role"], "content": m["content"]})
-        if not any(m["role"] == "assistant" for m in clean):
-            raise ValueError(f"{where}: no assistant message, so nothing to learn")
-        conversations.append(clean)
-    return conversations
-
-
-def load_jsonl_preferences(path: str | Path) -> list[dict]:
-    """Preference pairs, one a line: {"prompt": "...", "chosen": "...", "rejected": "..."}, all strings. Lines
-    written by `lmforge prefs collect` carry a "label": only those labelled "a" or "b" are pairs (ties,
-    both-bad, skips and unlabelled ones are left out)."""
-    pairs = []
-    for number, obj in jsonl_objects(path):
-        if "label" in obj and obj["label"] not in ("a", "b"):
-            continue
-        pair = {}
-        for key in ("prompt", "chosen", "rejected"):
-            if key not in obj:
-                raise ValueError(f'{path}:{number}: missing "{key}" (need "prompt", "chosen", "rejected")')
-            if not isinstance(obj[key], str):
-                raise ValueError(f'{path}:{number}: "{key}" must be a string, got {type(obj[key]).__name__}')
-            pair[key] = obj[key]
-        pairs.append(pair)
-    return pairs

@@ -1,0 +1,77 @@
+"""User chat data in JSONL, checked line by line: SFT conversations and preference pairs.
+
+    {"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]}
+    {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}
+
+Every bad line fails with one line naming the file and the line number. Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["ROLES", "jsonl_objects", "load_jsonl_messages", "load_jsonl_preferences"]
+
+ROLES = ("system", "user", "assistant")  # lmforge.tokenizer's chat roles (not imported: it needs `tokenizers`)
+
+
+def jsonl_objects(path: str | Path):
+    """(line number, object) for each non-blank line; ValueError naming the line otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+            yield number, obj
+
+
+def load_jsonl_messages(path: str | Path) -> list[list[dict]]:
+    """Conversations for SFT, one a line: {"messages": [{"role": "user", "content": "..."}, ...]}. Roles are
+    system, user, assistant; each conversation needs an assistant turn (something to learn)."""
+    conversations = []
+    for number, obj in jsonl_objects(path):
+        where = f"{path}:{number}"
+        messages = obj.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f'{where}: expected "messages": a non-empty list of {{"role", "content"}} objects')
+        clean = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f'{where}: message {i} needs "role" and "content"')
+            if m["role"] not in ROLES:
+                raise ValueError(f"{where}: message {i} has role {m['role']!r}; roles: {', '.join(ROLES)}")
+            if not isinstance(m["content"], str):
+                raise ValueError(f"{where}: message {i} content must be a string, got {type(m['content']).__name__}")
+            clean.append({"role": m["role"], "content": m["content"]})
+        if not any(m["role"] == "assistant" for m in clean):
+            raise ValueError(f"{where}: no assistant message, so nothing to learn")
+        conversations.append(clean)
+    return conversations
+
+
+def load_jsonl_preferences(path: str | Path) -> list[dict]:
+    """Preference pairs, one a line: {"prompt": "...", "chosen": "...", "rejected": "..."}, all strings. Lines
+    written by `lmforge prefs collect` carry a "label": only those labelled "a" or "b" are pairs (ties,
+    both-bad, skips and unlabelled ones are left out)."""
+    pairs = []
+    for number, obj in jsonl_objects(path):
+        if "label" in obj and obj["label"] not in ("a", "b"):
+            continue
+        pair = {}
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in obj:
+                raise ValueError(f'{path}:{number}: missing "{key}" (need "prompt", "chosen", "rejected")')
+            if not isinstance(obj[key], str):
+                raise ValueError(f'{path}:{number}: "{key}" must be a string, got {type(obj[key]).__name__}')
+            pair[key] = obj[key]
+        pairs.append(pair)
+    return pairs
