@@ -2,7 +2,7 @@
 the Bradley–Terry loss (Ouyang et al. 2022, §3.5), through the one training loop.
 
     lmforge reward train --config configs/reward/arith.yaml base=runs/arith-sft data=prefs.jsonl
-    lmforge reward train --config configs/reward/arith.yaml init=runs/arith-rm data=more.jsonl  # train it on
+    lmforge reward train --config configs/reward/arith.yaml init=runs/arith-rm data=more.jsonl  # continue it
     lmforge reward score runs/arith-rm --prompt "What is 2 + 2?" --response 4 --response 5
 
 Held-out pairwise accuracy and the mean margin r_chosen − r_rejected are logged at every eval.

@@ -36,7 +36,7 @@ SOURCES = (Path(__file__).with_name("decode.c"), Path(__file__).with_name("layer
 # rows 60%, measured on GPT-2's block matrices); past it the product is compute-bound
 # and torch's GEMM is the better kernel.
 MAX_ROWS = 16
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm", f"-DMAX_ROWS={MAX_ROWS}")  # layer.c's too
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm", f"-DMAX_ROWS={MAX_ROWS}")  # layer.c reads it
 _FUNCTIONS = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.int8: "gemv_i8"}
 WEIGHT_DTYPES = tuple(_FUNCTIONS)
 
