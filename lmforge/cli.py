@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from lmforge import __version__
-from lmforge.config import ConfigError, load_config
+from lmforge.config import UserError, load_config
 
 T = TypeVar("T")
 
@@ -41,8 +41,12 @@ COMMAND_MODULES: list[str] = [
     "lmforge.align.commands",
 ]
 
-# Exceptions that mean "the user asked for something impossible", shown as one line, not a traceback.
-USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError)
+# The error policy, in one place: these exceptions mean "the user asked for something impossible" and are
+# shown as one line, `lmforge: error: ...`, exit status 2. Stages raise `UserError` (lmforge/config.py) for
+# every mistake a user can fix; a missing or existing path is the OS's own error for the same thing.
+# Everything else -- a bare ValueError, a RuntimeError from torch, a KeyError -- is a bug in lmforge and keeps
+# its traceback, so that it gets reported and fixed instead of being hidden behind a vague line.
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
 
 
 @dataclass(frozen=True)

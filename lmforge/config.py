@@ -32,17 +32,29 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "load_config", "save_config", "to_dict"]
+__all__ = ["ConfigError", "UserError", "from_dict", "load_config", "save_config", "to_dict"]
 
 T = TypeVar("T")
 _NoneType = type(None)
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Something the user asked for that cannot be done, explained in one line that says what to do.
+
+    Every stage raises this (or a subclass) for a mistake the user can fix: a bad argument, a damaged file
+    they pointed at, a prompt longer than the model's context. The CLI prints it as one line and exits 2
+    (see lmforge/cli.py: main); the server answers it with a 4xx. Anything else escaping is a bug.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).splitlines()))
+
+
+class ConfigError(UserError):
     """A config problem, explained in one line. `key` is the dotted key at fault, when there is one."""
 
     def __init__(self, message: str, key: str | None = None):
-        super().__init__(" ".join(str(message).splitlines()))
+        super().__init__(message)
         self.key = key
 
 

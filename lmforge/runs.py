@@ -22,6 +22,12 @@ and in a later stage that takes an earlier run as input:
 Files are written atomically (`atomic_open`, `atomic_write_bytes`, `atomic_write_text`): the data goes to a
 temporary file in the same folder, is fsynced, then renamed over the target, so a crash or a full disk
 leaves the previous version intact rather than a truncated file.
+
+Every file a command writes is counted by `count_write` (the atomic writers call it; code that writes
+through a library, like safetensors' save_file, calls it after each file). It is the fault-injection hook of
+tests/test_faults.py: with LMFORGE_FAULT_AT_WRITE=k in the environment the process kills itself (SIGKILL, no
+cleanup, as a power cut would) right before its k-th counted write, so a test can check that whatever was
+interrupted left the previous state intact.
 """
 
 from __future__ import annotations
@@ -39,12 +45,35 @@ from typing import IO, Any, TypeVar
 
 from lmforge.config import ConfigError, load_config, save_config
 
-__all__ = ["RunDir", "atomic_open", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "read_metrics"]
+__all__ = [
+    "RunDir",
+    "atomic_open",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "count_write",
+    "fsync_dir",
+    "read_metrics",
+]
 
 T = TypeVar("T")
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+
+
+FAULT_ENV = "LMFORGE_FAULT_AT_WRITE"
+_writes_counted = 0
+
+
+def count_write(path: str | Path) -> None:
+    """Count one file about to be written at `path`; under LMFORGE_FAULT_AT_WRITE=k, die before the k-th."""
+    global _writes_counted
+    _writes_counted += 1
+    fault_at = os.environ.get(FAULT_ENV)
+    if fault_at and _writes_counted == int(fault_at):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -60,6 +89,7 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str = "utf-8") -> I
         raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    count_write(path)
     # Same folder as the target, so os.replace is a rename on one filesystem (atomic on POSIX and Windows).
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     # os.open with 0o666 lets the umask decide permissions, as for a plain open(); mkstemp would force 0o600.
