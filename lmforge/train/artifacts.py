@@ -105,7 +105,7 @@ def evaluate(run: str | Path, data: str | None = None, batches: int = 0, batch_s
                            max_batches=batches or None, env=environment())  # fmt: skip
 
 
-def export(run: str | Path, to: str, out: str | Path) -> Path:
+def export(run: str | Path, to: str, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write the run's model as a Hugging Face folder: safetensors weights, config, tokenizer, generation config."""
     if to != "hf":
         raise ConfigError(f"export --to {to!r}: only 'hf' is supported")

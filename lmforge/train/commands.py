@@ -113,7 +113,12 @@ def _evaluate_tasks(args: argparse.Namespace) -> None:
 def _export_args(p: argparse.ArgumentParser) -> None:
     _run_arg(p)
     p.add_argument("--to", default="hf", choices=["hf"], help="target format")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (refused if it holds anything, unless --overwrite)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the files export writes in a non-empty --out (other files there are kept)",
+    )
 
 
 @command("export", help="export a run's model (Hugging Face folder: safetensors, config, tokenizer)",
@@ -121,7 +126,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 def export(args: argparse.Namespace) -> None:
     from lmforge.train.artifacts import export as export_run
 
-    print(f"exported to {export_run(args.run, args.to, args.out)}")
+    print(f"exported to {export_run(args.run, args.to, args.out, overwrite=args.overwrite)}")
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
