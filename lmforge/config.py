@@ -221,10 +221,10 @@ def _build(cls: type[T], data: Any, prefix: str) -> T:
         if callable(validate):
             validate()
     except ValueError as e:
-        # Place the message at this sub-config, unless it is a ConfigError that already names its key.
-        if getattr(e, "key", None) is not None:
-            raise ConfigError(str(e), e.key) from None
-        raise ConfigError(f"{prefix}: {e}" if prefix else str(e), prefix or None) from None
+        # Place the message at this sub-config. A ConfigError raised by the constructor or validate() may name
+        # the field at fault, relative to this dataclass (ModelConfig: "d_model").
+        key = _join(prefix, e.key) if getattr(e, "key", None) is not None else prefix or None
+        raise ConfigError(f"{prefix}: {e}" if prefix else str(e), key) from None
     return obj
 
 

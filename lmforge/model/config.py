@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from lmforge.config import ConfigError
+
 Attention = Literal["sdpa", "naive", "sliding_window", "block_sparse", "linear"]
 Position = Literal["sinusoidal", "learned", "relative", "alibi", "rope", "none"]
 RopeScaling = Literal["linear", "dynamic", "llama3"]
@@ -90,12 +92,7 @@ class ModelConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
-        if self.position == "rope" and self.head_dim % 2:
-            raise ValueError(f"rope needs an even head_dim, got {self.head_dim}")
-        if self.position == "sinusoidal" and self.d_model % 2:
-            raise ValueError(f"sinusoidal positions need an even d_model, got {self.d_model}")
+        self._check_shapes()
         if self.attention == "sliding_window" and not self.window:
             raise ValueError("attention 'sliding_window' needs window=<tokens>")
         if self.window is not None and self.window <= 0:
@@ -116,6 +113,60 @@ class ModelConfig:
             raise ValueError(f"rope_factor must be >= 1, got {self.rope_factor}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def _check_shapes(self) -> None:
+        """The divisibility the modules rely on: heads split d_model (when head_dim is derived from it), query
+        heads share key/value heads in equal groups, rotations and sin/cos tables work on channel pairs."""
+        if "head_dim" in self.derived_fields and self.d_model % self.n_head:
+            raise ConfigError(
+                f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}): use e.g. "
+                f"n_head={_nearest_divisor(self.d_model, self.n_head)} or "
+                f"d_model={_nearest_multiple(self.d_model, self.n_head)} (or set head_dim explicitly)",
+                "d_model",
+            )
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(
+                f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head}): use e.g. "
+                f"n_kv_head={_nearest_divisor(self.n_head, self.n_kv_head)}",
+                "n_kv_head",
+            )
+        if self.position == "rope" and self.head_dim % 2:
+            if "head_dim" in self.derived_fields:
+                fix = f"d_model / n_head = {self.head_dim}; use e.g. d_model={self.n_head * (self.head_dim + 1)}"
+                key = "d_model"
+            else:
+                fix, key = f"use e.g. head_dim={self.head_dim + 1}", "head_dim"
+            raise ConfigError(f"position=rope rotates channel pairs, so head_dim must be even ({fix})", key)
+        if self.position == "rope" and self.rope_scaling == "dynamic" and self.head_dim <= 2:
+            raise ConfigError(
+                f"rope_scaling=dynamic needs head_dim > 2, got {self.head_dim}: use a larger d_model", "head_dim"
+            )
+        if self.position == "sinusoidal" and self.d_model % 2:
+            raise ConfigError(
+                f"position=sinusoidal needs an even d_model, got {self.d_model}: use e.g. d_model={self.d_model + 1}",
+                "d_model",
+            )
+        if self.linear_chunk <= 0:
+            raise ConfigError(f"linear_chunk must be positive, got {self.linear_chunk}", "linear_chunk")
+        if self.sparse_block is not None and self.sparse_block <= 0:
+            raise ConfigError(
+                f"sparse_block must be positive (or null for ≈ √max_seq_len), got {self.sparse_block}", "sparse_block"
+            )
+        if self.position == "relative" and self.relative_buckets < 2:
+            raise ConfigError(f"relative_buckets must be at least 2, got {self.relative_buckets}", "relative_buckets")
+        if self.position == "relative" and self.relative_max_distance <= self.relative_buckets // 2:
+            # T5 buckets: exact below buckets/2, log-spaced from there up to max_distance
+            raise ConfigError(
+                f"relative_max_distance ({self.relative_max_distance}) must exceed relative_buckets / 2 "
+                f"({self.relative_buckets // 2}): use e.g. relative_max_distance={4 * self.relative_buckets}",
+                "relative_max_distance",
+            )
+        if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ConfigError(
+                f"rope_high_freq_factor ({self.rope_high_freq_factor}) must exceed rope_low_freq_factor "
+                f"({self.rope_low_freq_factor})",
+                "rope_high_freq_factor",
+            )
 
     # ---- sizes -------------------------------------------------------------------------------------
     @property
@@ -193,3 +244,17 @@ class ModelConfig:
         d = asdict(self)
         d.update(dict.fromkeys(self.derived_fields))
         return d
+
+
+def _nearest_divisor(n: int, near: int) -> int:
+    """A divisor of `n` close to `near` (the smaller one on a tie), looking a bounded distance away."""
+    for delta in range(min(near, 4096)):
+        for d in (near - delta, near + delta):
+            if 0 < d <= n and n % d == 0:
+                return d
+    return 1
+
+
+def _nearest_multiple(n: int, of: int) -> int:
+    """The multiple of `of` closest to `n`, at least `of`."""
+    return max(of, of * round(n / of))
