@@ -9,23 +9,50 @@ import sys
 from pathlib import Path
 
 from lmforge.cli import command
-from lmforge.config import ConfigError
+from lmforge.config import UserError
 
 KV_CHOICES = ["contiguous", "int8", "paged", "paged-int8", "sliding"]
 QUANT_CHOICES = ["int8", "w8a8", "int4", "bf16"]
 
 
+SAMPLING_DEFAULTS = dict(max_new_tokens=200, temperature=0.8, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                         seed=0)  # fmt: skip
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, **defaults) -> None:
+    """The sampling options of every command that generates (`generate`, `sample`): --max-new-tokens,
+    --temperature, --top-k, --top-p, --min-p, --repetition-penalty, --seed, --stop. `defaults` overrides
+    SAMPLING_DEFAULTS by field name (`sample` keeps top_k=50). Read them back with `sampling_params_from_args`."""
+    d = {**SAMPLING_DEFAULTS, **defaults}
+    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"])
+    p.add_argument("--temperature", type=float, default=d["temperature"], help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=d["top_k"], help="0 = off")
+    p.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus sampling; 1 = off")
+    p.add_argument("--min-p", type=float, default=d["min_p"], help="keep tokens with p ≥ min_p · p_max; 0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"])
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); the text ends before it")
+
+
+def sampling_params_from_args(args: argparse.Namespace, **fields):
+    """The SamplingParams of `add_sampling_arguments`' options, plus `fields` (n=, logprobs=, stop_ids=). Call it
+    before loading the model: a value out of range is a UserError naming its option ("--temperature must be
+    ≥ 0 ..."), one line and exit 2 from the CLI. Options the parser lacks take SamplingParams' defaults."""
+    from lmforge.infer.sampling import SamplingError, SamplingParams
+
+    names = [*SAMPLING_DEFAULTS, "stop"]
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    values["stop"] = tuple(values.get("stop", ()))
+    try:
+        return SamplingParams(**values, **fields)
+    except SamplingError as e:
+        raise UserError(f"--{e.field.replace('_', '-')} {e.requirement}") from None
+
+
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="a run folder (runs/tiny), one of its checkpoints, or an HF folder")
     p.add_argument("--prompt", default="\n", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 = off")
-    p.add_argument("--min-p", type=float, default=0.0, help="keep tokens with p ≥ min_p · p_max; 0 = off")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); the text ends before it")
+    add_sampling_arguments(p)
     p.add_argument("--n", type=int, default=1, help="samples of the prompt (they share its KV blocks: --kv paged)")
     p.add_argument("--logprobs", type=int, default=None, metavar="K", help="print each token's log-prob and top K")
     p.add_argument("--quantize", choices=QUANT_CHOICES, help="weights: int8 weight-only, W8A8-dynamic, int4, bf16")
@@ -38,29 +65,40 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats", action="store_true", help="print tokens/s (and acceptance when speculating)")
 
 
+def _check_generate_args(args: argparse.Namespace) -> None:
+    """The options of `generate` that SamplingParams does not see, checked before any model is loaded."""
+    problems = [
+        (args.gamma < 1, f"--gamma must be ≥ 1 (draft tokens per verify step), got {args.gamma}"),
+        (args.lookup is not None and args.lookup < 1, f"--lookup must be ≥ 1 (longest n-gram), got {args.lookup}"),
+        (args.window < 1, f"--window must be ≥ 1 (keys kept per layer), got {args.window}"),
+        (not 0 <= args.sinks < args.window, f"--sinks must be in [0, --window), got {args.sinks}"),
+        (bool(args.draft and args.lookup), "give --draft or --lookup, not both"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise UserError(message)
+    if (args.kv.startswith("paged") or args.n > 1 or args.logprobs is not None) and (args.draft or args.lookup):
+        raise UserError("speculative decoding runs on the batch-1 path: drop --n/--logprobs or use --kv contiguous")
+
+
 @command("generate", help="stream a continuation from a model: caches, quantization, speculative decoding",
          arguments=_generate_args)  # fmt: skip
 def generate(args: argparse.Namespace) -> None:
     import time
 
     from lmforge.infer.loading import load_for_inference
-    from lmforge.infer.sampling import SamplingParams, TextStream
+    from lmforge.infer.sampling import TextStream
 
+    params = sampling_params_from_args(args, n=args.n, logprobs=args.logprobs)  # every check before the load
+    _check_generate_args(args)
     model, tok = load_for_inference(args.ckpt)
+    params.stop_ids = (tok.eos_id,)
     if args.quantize:
         from lmforge.infer.quantize import quantize_model
 
         quantize_model(model, args.quantize)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                            seed=args.seed, stop_ids=(tok.eos_id,), stop=tuple(args.stop), n=args.n,
-                            logprobs=args.logprobs)  # fmt: skip
     prompt = tok.encode(args.prompt)
-    if args.draft and args.lookup:
-        raise ConfigError("give --draft or --lookup, not both")
     paged = args.kv.startswith("paged") or args.n > 1 or args.logprobs is not None
-    if paged and (args.draft or args.lookup):
-        raise ConfigError("speculative decoding runs on the batch-1 path: drop --n/--logprobs or use --kv contiguous")
     print(args.prompt, end="", flush=True)
     start, count = time.perf_counter(), 0
     stats_line = ""

@@ -19,7 +19,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmforge.config import UserError
+
 GREEDY_EPS = 1e-5  # temperatures below this mean argmax
+
+
+class SamplingError(UserError):
+    """A sampling parameter out of range: "`field` `requirement`". The CLI re-words it with the option's name
+    (lmforge.infer.commands.sampling_params_from_args), the server with the request field's."""
+
+    def __init__(self, name: str, requirement: str):
+        super().__init__(f"{name} {requirement}")
+        self.field, self.requirement = name, requirement
 
 
 @dataclass
@@ -41,20 +52,20 @@ class SamplingParams:
         self.stop_ids, self.stop = tuple(self.stop_ids), tuple(self.stop)
         if self.seed is None:
             self.seed = random.randrange(2**31)
-        problems = [
-            (self.max_new_tokens < 1, f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}"),
-            (self.temperature < 0, f"temperature must be ≥ 0 (0 = greedy), got {self.temperature}"),
-            (self.top_k < 0, f"top_k must be ≥ 0 (0 = off), got {self.top_k}"),
-            (not 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (not 0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p}"),
-            (self.repetition_penalty <= 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (self.n < 1, f"n must be ≥ 1, got {self.n}"),
-            (self.logprobs is not None and self.logprobs < 0, f"logprobs must be ≥ 0, got {self.logprobs}"),
-            (any(not s for s in self.stop), "stop strings must not be empty"),
+        problems = [  # (bad, field, what it must be): the CLI names the option, the API the field
+            (self.max_new_tokens < 1, "max_new_tokens", f"must be ≥ 1, got {self.max_new_tokens}"),
+            (self.temperature < 0, "temperature", f"must be ≥ 0 (0 = greedy), got {self.temperature}"),
+            (self.top_k < 0, "top_k", f"must be ≥ 0 (0 = off), got {self.top_k}"),
+            (not 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}"),
+            (not 0 <= self.min_p < 1, "min_p", f"must be in [0, 1), got {self.min_p}"),
+            (self.repetition_penalty <= 0, "repetition_penalty", f"must be > 0, got {self.repetition_penalty}"),
+            (self.n < 1, "n", f"must be ≥ 1, got {self.n}"),
+            (self.logprobs is not None and self.logprobs < 0, "logprobs", f"must be ≥ 0, got {self.logprobs}"),
+            (any(not s for s in self.stop), "stop", "must not be an empty string"),
         ]
-        for bad, message in problems:
+        for bad, name, requirement in problems:
             if bad:
-                raise ValueError(message)
+                raise SamplingError(name, requirement)
 
     @property
     def greedy(self) -> bool:

@@ -130,3 +130,11 @@ def test_streaming_is_utf8_safe(char_tok):
     ts = TextStream(char_tok, ())
     shown = [ts.feed(t) for t in char_tok.encode("hello é 世界")] + [ts.flush()]
     assert "".join(shown) == "hello é 世界" and not any("\ufffd" in s for s in shown)
+
+
+def test_bad_parameters_are_user_errors_naming_the_field():
+    from lmforge.config import UserError
+
+    for field, kwargs in (("temperature", {"temperature": -1}), ("max_new_tokens", {"max_new_tokens": -1})):
+        with pytest.raises(UserError, match=f"^{field} must be"):
+            SamplingParams(**kwargs)

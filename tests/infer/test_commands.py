@@ -1,0 +1,75 @@
+"""`lmforge generate` at its boundary: a bad option is one line and exit 2, said before any model is loaded.
+The loader is replaced by one that records its calls and hands out a tiny model with a char tokenizer."""
+
+import pytest
+import torch
+
+from lmforge import cli
+from lmforge.infer import loading
+from lmforge.model import ModelConfig, Transformer
+from lmforge.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/infer/conftest.py
+
+
+def tiny_model(vocab_size: int, **kw) -> Transformer:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=vocab_size, max_seq_len=64, n_layer=1, d_model=16, n_head=2, init_std=0.2)
+    return Transformer(ModelConfig(**{**cfg, **kw})).eval()
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """The paths `load_for_inference` was called with; each gets a tiny model and a char tokenizer."""
+    calls = []
+    tok = Tokenizer.train_char(["ab\ncd "])
+
+    def fake_load(path):
+        calls.append(str(path))
+        return tiny_model(tok.vocab_size), tok
+
+    monkeypatch.setattr(loading, "load_for_inference", fake_load)
+    return calls
+
+
+def run(argv, capsys):
+    status = cli.main(["generate", *argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--draft", "runs/draft", "--gamma", "0"], "--gamma"),
+        (["--kv", "sliding", "--window", "0"], "--window"),
+        (["--temperature", "-1"], "--temperature"),
+        (["--max-new-tokens", "-1"], "--max-new-tokens"),
+        (["--top-p", "2"], "--top-p"),
+        (["--lookup", "0"], "--lookup"),
+        (["--n", "0"], "--n"),
+    ],
+)
+def test_bad_options_are_one_line_before_the_model_loads(argv, option, loads, tmp_path, capsys):
+    status, out, err = run(["--ckpt", str(tmp_path / "no-such-run"), *argv], capsys)
+    assert status == 2 and loads == [] and out == ""
+    assert err.startswith(f"lmforge: error: {option} ") and err.count("\n") == 1, err
+
+
+def test_good_options_generate(loads, capsys):
+    status, out, err = run(["--ckpt", "runs/tiny", "--prompt", "ab", "--max-new-tokens", "5", "--temperature", "0"],
+                           capsys)  # fmt: skip
+    assert status == 0 and loads == ["runs/tiny"] and out.startswith("ab"), err
+
+
+def test_the_sampling_pair_serves_another_command():
+    import argparse
+
+    from lmforge.infer.commands import add_sampling_arguments, sampling_params_from_args
+
+    p = argparse.ArgumentParser()
+    add_sampling_arguments(p, top_k=50)
+    params = sampling_params_from_args(p.parse_args(["--temperature", "0.5", "--stop", "x"]))
+    assert (params.top_k, params.temperature, params.stop, params.seed) == (50, 0.5, ("x",), 0)
+    with pytest.raises(cli.UserError, match="^--repetition-penalty must be > 0"):
+        sampling_params_from_args(p.parse_args(["--repetition-penalty", "0"]))
