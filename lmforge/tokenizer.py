@@ -43,6 +43,7 @@ from typing import Literal
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from lmforge.config import UserError
 from lmforge.runs import atomic_write_text
 
 __all__ = [
@@ -278,8 +279,18 @@ class Tokenizer:
             )
         try:
             return cls(HFTokenizer.from_file(str(path)))
-        except Exception as e:  # tokenizers raises a bare Exception on a malformed file
-            raise ValueError(f"{path}: not a usable tokenizer.json ({e})") from None
+        except BaseException as e:
+            # tokenizers raises a bare Exception on a malformed file, and a Rust panic (pyo3's PanicException,
+            # a BaseException) on some well-formed JSON it cannot build; both mean the file is not a tokenizer.
+            if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+                raise
+            reason = " ".join(str(e).split()) or type(e).__name__
+            if len(reason) > 160:
+                reason = reason[:157] + "..."
+            raise UserError(
+                f"{path}: not a tokenizer file ({reason}); make it again with `lmforge tokenizer train` or "
+                "`lmforge prepare`"
+            ) from None
 
     def __repr__(self) -> str:
         digits = ", split_digits" if self.split_digits else ""

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from lmforge.config import UserError
 from lmforge.tokenizer import (
     ASSISTANT,
     END,
@@ -154,6 +155,49 @@ def test_save_and_load(tok, tmp_path):
 def test_load_missing_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="lmforge tokenizer train"):
         Tokenizer.load(tmp_path)
+
+
+WORD_LEVEL = {"version": "1.0", "added_tokens": [], "normalizer": None, "pre_tokenizer": None, "post_processor": None}
+WORD_LEVEL |= {"decoder": None, "model": {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "a"}}
+GARBAGE = {
+    "random bytes": bytes(range(256)) * 3,
+    "empty": b"",
+    "a JSON list": b"[1, 2, 3]",
+    "JSON null": b"null",
+    "the wrong object": b'{"model": "x", "vocab": [1]}',
+    "a bad vocab": json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {"a": "b"}, "merges": []}}).encode(),
+    "another library's tokenizer": json.dumps(WORD_LEVEL).encode(),
+}
+
+
+@pytest.mark.parametrize("what", [*GARBAGE, "truncated"])
+def test_load_garbage_is_one_line_that_says_what_to_do(tok, tmp_path, what):
+    path = tmp_path / "tokenizer.json"
+    if what == "truncated":
+        text = tok.save(tmp_path / "whole.json").read_bytes()
+        path.write_bytes(text[: len(text) // 2])
+    else:
+        path.write_bytes(GARBAGE[what])
+    with pytest.raises(UserError) as info:
+        Tokenizer.load(tmp_path if what != "truncated" else path)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1
+    assert str(path) in message and "not a tokenizer file" in message
+    assert "lmforge tokenizer train" in message and "lmforge prepare" in message
+
+
+def test_prepare_with_a_garbage_tokenizer_is_exit_2(tmp_path, capsys):
+    from lmforge import cli
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (corpus / name).write_text(CORPUS[0])
+    (tmp_path / "bad.json").write_bytes(b"\x00\xff garbage")
+    argv = ["prepare", "--source", f"text:{corpus}", "--tokenizer", str(tmp_path / "bad.json"), "--out"]
+    assert cli.main([*argv, str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lmforge: error: ") and "not a tokenizer file" in err[0]
 
 
 # ------------------------------------------------------------------------------------------ HF parity
