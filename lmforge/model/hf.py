@@ -5,7 +5,7 @@ back, with the same logits (fp32: ≤1e-4 relative; tests/model/test_hf_parity.p
     model = from_hf("path/to/hf_folder")           # config.json + model.safetensors (or a sharded index)
     model = from_hf(hf_model, dtype=torch.bfloat16)  # or a transformers PreTrainedModel already in memory
     hf_model = to_hf(model)                         # GPT2LMHeadModel / LlamaForCausalLM / MistralForCausalLM
-    save_hf(model, "out/hf", tokenizer=tok, chat_template=template)  # safetensors folder, written atomically
+    save_hf(model, "out/hf", tokenizer=tok, chat_template=template)  # atomic; a non-empty folder needs overwrite=True
     tok, chat_template = load_hf_tokenizer("path/to/hf_folder")      # tokenizers.Tokenizer, str | None
 
 A folder import reads config.json as a plain dict and the weights with safetensors (never pickles), so it
@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -389,31 +390,69 @@ def to_hf(model: Transformer):
     return hf.to(model.tok_emb.weight.dtype).eval()
 
 
-def save_hf(model: Transformer, folder, tokenizer=None, chat_template: str | None = None) -> Path:
+def save_hf(
+    model: Transformer,
+    folder,
+    tokenizer=None,
+    chat_template: str | None = None,
+    *,
+    overwrite: bool = False,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
     """Write `to_hf(model)` (safetensors) and optionally a tokenizer (a `tokenizers.Tokenizer`) and chat
-    template into `folder`, atomically: everything goes to a temporary folder beside it, then is renamed."""
+    template into `folder`; `extra(tmp)` may add files of its own (written into the same temporary folder).
+
+    A non-empty `folder` is refused unless `overwrite`, and then only the files written here are replaced:
+    anything else in it (a README, a checkpoints/ folder) stays. Everything is first written to a temporary
+    folder beside `folder`, and each file is then renamed into place, so a crash while writing leaves
+    `folder` as it was, and every file in it is always a complete old or new version."""
+    from lmforge.runs import count_write, fsync_dir
+
     folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
+        raise FileExistsError(f"{folder} exists and is not empty: pass overwrite=True to replace the files "
+                              "save_hf writes there (other files are kept), or choose another folder")  # fmt: skip
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder; choose another folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        to_hf(model).save_pretrained(tmp)
+        # transformers writes through its own code: into a scratch folder, each file counted as it joins.
+        scratch = tmp / ".transformers"
+        to_hf(model).save_pretrained(scratch)
+        for f in sorted(scratch.iterdir()):
+            count_write(tmp / f.name)
+            os.replace(f, tmp / f.name)
+        scratch.rmdir()
         if tokenizer is not None:
-            (tmp / "tokenizer.json").write_text(tokenizer.to_str())
             tok_config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
             if chat_template is not None:
                 tok_config["chat_template"] = chat_template
-            (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old)
+            _write(tmp / "tokenizer.json", tokenizer.to_str())
+            _write(tmp / "tokenizer_config.json", json.dumps(tok_config, indent=2))
+        if extra is not None:
+            extra(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        if not folder.exists():
+            tmp.rename(folder)  # one rename: the folder appears complete or not at all
         else:
-            tmp.rename(folder)
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, folder / f.name)
+            fsync_dir(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _write(path: Path, text: str) -> None:
+    from lmforge.runs import count_write
+
+    count_write(path)
+    path.write_text(text)
 
 
 def load_hf_tokenizer(folder) -> tuple[Any, str | None]:

@@ -106,17 +106,29 @@ def evaluate(run: str | Path, data: str | None = None, batches: int = 0, batch_s
 
 
 def export(run: str | Path, to: str, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Write the run's model as a Hugging Face folder: safetensors weights, config, tokenizer, generation config."""
+    """Write the run's model as a Hugging Face folder: safetensors weights, config, tokenizer, generation config.
+
+    A non-empty `out` is refused unless `overwrite`; then only the files written here are replaced (anything
+    else in `out` stays), each through a temporary folder beside `out` and a rename (`save_hf`)."""
     if to != "hf":
         raise ConfigError(f"export --to {to!r}: only 'hf' is supported")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"export --out {out} is a file, not a folder: choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"export --out {out} is not empty: pass --overwrite to replace the files export "
+                              "writes there (other files are kept), or choose another --out")  # fmt: skip
     from lmforge.model.hf import save_hf
+    from lmforge.runs import atomic_write_text
     from lmforge.tokenizer import Tokenizer
 
     model, tok_path, _ = load_run_model(run)
     tok = Tokenizer.load(tok_path)
-    folder = save_hf(model, out, tokenizer=tok.hf)
-    tok.save(folder)  # tokenizer.json again, with tokenizer_config.json naming the special tokens
     generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
                   "do_sample": True, "temperature": 0.8, "top_k": 50, "max_new_tokens": 256}  # fmt: skip
-    (Path(folder) / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    return Path(folder)
+
+    def tokenizer_and_generation(tmp: Path) -> None:
+        tok.save(tmp)  # tokenizer.json, with tokenizer_config.json naming the special tokens
+        atomic_write_text(tmp / "generation_config.json", json.dumps(generation, indent=2))
+
+    return save_hf(model, out, overwrite=True, extra=tokenizer_and_generation)

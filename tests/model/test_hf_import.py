@@ -36,13 +36,16 @@ def test_save_hf_loads_in_transformers(family, tmp_path):
     assert torch.equal(greedy(loaded, idx), greedy(hf, idx))
 
 
-def test_save_hf_replaces_existing_folder(tmp_path):
+def test_save_hf_refuses_a_non_empty_folder_and_overwrite_replaces_only_its_files(tmp_path):
     folder = tmp_path / "export"
     folder.mkdir()
     (folder / "stale.txt").write_text("old")
     hf = make_llama()
-    save_hf(from_hf(hf), folder)
-    assert not (folder / "stale.txt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_hf(from_hf(hf), folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["stale.txt"]
+    save_hf(from_hf(hf), folder, overwrite=True)
+    assert (folder / "stale.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     assert parity_error(from_hf(folder), hf, tokens(24)) <= TOL
 
 
