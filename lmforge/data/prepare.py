@@ -90,7 +90,8 @@ def split_by_group(docs: Sequence[Document], val_fraction: float, seed: int) -> 
         only = next(iter(sizes), "")
         raise SourceError(
             f"all documents are in one group ({only!r}), so train and val cannot be split by group; "
-            "use a folder with several files or subfolders, or a jsonl with a 'group' field or over 100 lines"
+            "use a text file of several lines, a folder with several files or subfolders, or a jsonl with a "
+            "'group' field or over 100 lines"
         )
 
     def rank(group: str) -> bytes:

@@ -8,8 +8,10 @@ Sources, named by one string (the `source` field of `lmforge prepare`):
     python-stdlib          every .py file of the running interpreter's standard library, without tests,
                            site-packages or test fixtures (~730 files, ~12 MB on Python 3.11); group =
                            top-level package or module (`json`, `encodings`, `os`)
-    text:PATH              a UTF-8 file, or every UTF-8 file under a folder (recursively, hidden files and
-                           __pycache__ skipped); group = the first path component under the folder
+    text:PATH              every UTF-8 file under a folder (recursively, hidden files and __pycache__
+                           skipped); group = the first path component under the folder. Or one UTF-8 file,
+                           cut at line boundaries into ~100 consecutive chunks, each its own document and
+                           group (`book.txt:120` starts at line 120), so val is whole stretches of the file
     jsonl:PATH[:FIELD]     one document per line from FIELD (default `text`); group = the line's `group`
                            field if present, else line number // 100 (so neighbouring lines stay together)
 
@@ -46,6 +48,7 @@ _STDLIB_SKIP_DIRS = {
 }
 _STDLIB_SKIP_FILES = {"__hello__.py"}
 _JSONL_GROUP_LINES = 100
+_TEXT_FILE_CHUNKS = 100
 
 
 class SourceError(ConfigError):
@@ -118,7 +121,7 @@ def _text(path: Path, stats: SourceStats) -> Iterator[Document]:
     if path.is_file():
         text = _read_utf8(path, path.name, stats)
         if text is not None:
-            yield Document(path.name, text, path.name)
+            yield from _chunks(path.name, text)
         return
     for file in _walk(path, {"__pycache__"}):
         rel = file.relative_to(path)
@@ -154,6 +157,26 @@ def _jsonl(spec: str, stats: SourceStats) -> Iterator[Document]:
         group = str(group) if group is not None else str(index // _JSONL_GROUP_LINES)
         yield Document(f"{path.name}:{number}", record[key], group)
         index += 1
+
+
+def _chunks(name: str, text: str) -> Iterator[Document]:
+    """One file as ~_TEXT_FILE_CHUNKS documents of consecutive whole lines, each its own group.
+
+    A single file is one group otherwise, which a split by group cannot divide. Chunks do not overlap, so no
+    line is on both sides of the split; a file of one line stays one document."""
+    parts = text.split("\n")  # "\n" only, so that chunk names count lines as an editor does
+    lines = [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+    if len(lines) < 2:
+        yield Document(name, text, name)
+        return
+    target = len(text) / _TEXT_FILE_CHUNKS
+    start, size = 0, 0
+    for i, line in enumerate(lines):
+        size += len(line)
+        if size >= target or i == len(lines) - 1:
+            where = f"{name}:{start + 1}"
+            yield Document(where, "".join(lines[start : i + 1]), where)
+            start, size = i + 1, 0
 
 
 def _walk(root: Path, skip_dirs: set[str]) -> Iterator[Path]:

@@ -226,3 +226,21 @@ def test_cli_tokenizer_train(corpus, tmp_path, capsys):
     assert f"saved {path}" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="vocab_size"):
         train_tokenizer(f"text:{corpus}", 10, tmp_path / "t2")
+
+
+def test_prepare_a_single_text_file(tmp_path, capsys):
+    # README: `--source text:PATH` takes a file; one file is cut into line chunks so val is whole stretches of it.
+    path = tmp_path / "book.txt"
+    lines = [f"{i} {' '.join(WORDS[(i * k) % len(WORDS)] for k in range(5))}\n" for i in range(300)]
+    path.write_text("".join(lines))
+    out = tmp_path / "out"
+    argv = ["prepare", "--source", f"text:{path}", "--out", str(out), "--char", "--val-fraction", "0.1"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    data = TokenData(out)
+    tok = Tokenizer.load(out)
+    train = tok.decode(np.asarray(data.train)).split("<|eos|>")[:-1]
+    val = tok.decode(np.asarray(data.val)).split("<|eos|>")[:-1]
+    assert val and train and 0.05 < data.meta["val"]["bytes"] / len(path.read_bytes()) < 0.2
+    train_lines = {line for chunk in train for line in chunk.splitlines()}
+    val_lines = {line for chunk in val for line in chunk.splitlines()}
+    assert not train_lines & val_lines and len(train_lines | val_lines) == 300  # no line on both sides

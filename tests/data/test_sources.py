@@ -68,10 +68,24 @@ def test_text_folder(tmp_path):
     assert sorted(stats.undecodable) == ["blob.bin", "latin1.txt"] and stats.empty == 1
 
 
-def test_text_single_file(tmp_path):
+def test_text_single_line_file(tmp_path):
     path = tmp_path / "book.txt"
     path.write_text("once upon a time")
     assert list(iter_documents(f"text:{path}")) == [Document("book.txt", "once upon a time", "book.txt")]
+
+
+def test_text_single_file_is_cut_into_consecutive_line_chunks(tmp_path):
+    path = tmp_path / "book.txt"
+    text = "".join(f"line {i} {'x' * (i % 7)}\r\n" if i % 3 else f"line {i}\n" for i in range(1, 1001)) + "tail"
+    path.write_text(text, newline="")
+    docs = list(iter_documents(f"text:{path}"))
+    assert "".join(d.text for d in docs) == text  # consecutive, nothing lost or repeated
+    assert 90 <= len(docs) <= 110 and all(d.name == d.group for d in docs)  # each chunk its own group
+    assert all(d.text.endswith("\n") for d in docs[:-1])  # cut at line boundaries only
+    first_lines = [int(d.name.removeprefix("book.txt:")) for d in docs]
+    assert first_lines[0] == 1 and first_lines == sorted(set(first_lines))
+    for d, start in zip(docs, first_lines):
+        assert d.text.split("\n")[0].startswith(f"line {start}")  # the name says where the chunk starts
 
 
 def write_jsonl(path, records):
