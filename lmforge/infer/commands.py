@@ -93,6 +93,12 @@ def generate(args: argparse.Namespace) -> None:
     _check_generate_args(args)
     model, tok = load_for_inference(args.ckpt)
     params.stop_ids = (tok.eos_id,)
+    draft = None
+    if args.draft:
+        from lmforge.infer.speculative import check_same_tokenizer
+
+        draft, draft_tok = load_for_inference(args.draft)
+        check_same_tokenizer(tok, draft_tok, f"--draft {args.draft}")
     if args.quantize:
         from lmforge.infer.quantize import quantize_model
 
@@ -123,7 +129,7 @@ def generate(args: argparse.Namespace) -> None:
                 print(f"\n--- sample {i} ---\n{args.prompt}{''.join(texts[i])}")
         stats_line = f"prefix-cache hits {engine.stats.prefix_hit_tokens} tokens"
     else:
-        stream = _batch1_stream(model, prompt, params, args, tok.vocab_size)
+        stream = _batch1_stream(model, prompt, params, args, tok.vocab_size, draft)
         text = TextStream(tok, params.stop)
         for token in stream:
             count += 1
@@ -143,7 +149,7 @@ def generate(args: argparse.Namespace) -> None:
         print(f"[{count} tokens in {seconds:.2f} s: {count / seconds:.1f} tok/s{extra}]")
 
 
-def _batch1_stream(model, prompt, params, args, vocab_size):
+def _batch1_stream(model, prompt, params, args, vocab_size, draft=None):
     from lmforge.infer.fastpath import optimize_for_decode
     from lmforge.infer.generate import generate_stream
 
@@ -151,10 +157,9 @@ def _batch1_stream(model, prompt, params, args, vocab_size):
     # with every layer in one C call (lmforge.infer.fastpath).
     optimize_for_decode(model)
     if args.draft or args.lookup:
-        from lmforge.infer.loading import load_for_inference
         from lmforge.infer.speculative import speculative_generate
 
-        draft = optimize_for_decode(load_for_inference(args.draft)[0]) if args.draft else None
+        draft = optimize_for_decode(draft) if draft is not None else None
         return speculative_generate(model, prompt, params, draft=draft, gamma=args.gamma, lookup_ngram=args.lookup,
                                     vocab_size=vocab_size)  # fmt: skip
     cache = None

@@ -73,3 +73,19 @@ def test_the_sampling_pair_serves_another_command():
     assert (params.top_k, params.temperature, params.stop, params.seed) == (50, 0.5, ("x",), 0)
     with pytest.raises(cli.UserError, match="^--repetition-penalty must be > 0"):
         sampling_params_from_args(p.parse_args(["--repetition-penalty", "0"]))
+
+
+def test_a_draft_with_another_tokenizer_is_refused_before_generating(monkeypatch, capsys):
+    # Same vocabulary size, other characters: the ids line up, their meanings do not.
+    toks = {"runs/target": Tokenizer.train_char(["ab\ncd "]), "runs/draft": Tokenizer.train_char(["xy\nzw "])}
+    assert toks["runs/target"].vocab_size == toks["runs/draft"].vocab_size
+    monkeypatch.setattr(loading, "load_for_inference", lambda path: (tiny_model(toks[path].vocab_size), toks[path]))
+    status, out, err = run(["--ckpt", "runs/target", "--draft", "runs/draft", "--temperature", "0"], capsys)
+    assert status == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("lmforge: error: --draft runs/draft must share the target's tokenizer")
+
+
+def test_a_draft_with_the_same_tokenizer_speculates(loads, capsys):
+    status, out, err = run(["--ckpt", "runs/target", "--draft", "runs/draft", "--prompt", "ab", "--temperature", "0",
+                            "--max-new-tokens", "6", "--stats"], capsys)  # fmt: skip
+    assert status == 0 and loads == ["runs/target", "runs/draft"] and "acceptance" in out, err
