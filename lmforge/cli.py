@@ -29,6 +29,7 @@ from typing import TypeVar
 
 from lmforge import __version__
 from lmforge.config import UserError, load_config
+from lmforge.runs import Stopped
 
 T = TypeVar("T")
 
@@ -91,8 +92,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, required: bool = False
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
-    """Load `cls` from the `--config` file and overrides that `add_config_arguments` declared."""
-    return load_config(cls, args.config, args.overrides)
+    """Load `cls` from the `--config` file and overrides that `add_config_arguments` declared.
+
+    With `--resume` (or resume=true) the run's own config.yaml is the base instead, and only the overrides
+    given now are applied to it (lmforge.runs.resume_config): a resumed run trains the model it started with.
+    """
+    cfg = load_config(cls, args.config, args.overrides)
+    if getattr(args, "resume", False) or getattr(cfg, "resume", False):
+        from lmforge.runs import resume_config
+
+        cfg = resume_config(cls, cfg, args.overrides)
+    return cfg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(e).splitlines()) or type(e).__name__
         print(f"lmforge: error: {message}", file=sys.stderr)
         return 2
+    except Stopped as e:  # a run checkpointed and stopped on a signal: the shell's code for that signal
+        print(f"lmforge: stopped: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         return 130

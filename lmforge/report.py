@@ -19,7 +19,7 @@ def plot_metrics(run: RunDir | str | Path, out: str = "loss.png") -> Path | None
 
     path = run.path if isinstance(run, RunDir) else Path(run)
     rows = read_metrics(path)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and r["loss"] == r["loss"]]
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]  # null: a skipped step
     val = [(r["step"], r["val_loss"], r.get("val_bpb")) for r in rows if "val_loss" in r]
     if not train:
         return None

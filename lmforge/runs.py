@@ -35,24 +35,28 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import secrets
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from lmforge.config import ConfigError, load_config, save_config
+from lmforge.config import ConfigError, UserError, load_config, save_config, to_dict
 
 __all__ = [
     "RunDir",
+    "Stopped",
     "atomic_open",
     "atomic_write_bytes",
     "atomic_write_text",
     "count_write",
     "fsync_dir",
     "read_metrics",
+    "resume_config",
 ]
 
 T = TypeVar("T")
@@ -178,7 +182,12 @@ class RunDir:
         """Make `root/name` (name defaults to the time, e.g. 2026-11-29_1139) and save `config` in it.
 
         A folder that already holds files is refused unless `resume` (continue that run) or `exist_ok`
-        (add to it); `resume` on a folder that does not exist yet just starts the run.
+        (add to it); `resume` on a folder that does not exist yet just starts the run (and says so).
+
+        The folder is locked (`fcntl.flock`) for as long as this process lives, so a second process writing
+        into the same run is refused in one line. On resume, `config` is written only by `save_config()`,
+        once the stage has rebuilt the model and loaded the checkpoint: a resume that fails never rewrites
+        the config.yaml of the run it was meant to continue.
         """
         root = Path(root)
         if name is None:
@@ -196,12 +205,20 @@ class RunDir:
                     f"run folder {path} already exists and is not empty; "
                     "pass --resume to continue it, or choose another name"
                 )
+            if resume and not existing:
+                print(f"{path} holds no run yet: starting it (nothing to resume)", file=sys.stderr)
             path.mkdir(parents=True, exist_ok=True)
+        _lock(path)
         run = cls(path, resumed=existing and resume)
-        if config is not None:
-            # On resume this records the config now in force (e.g. a raised max_steps).
-            save_config(config, run.config_path)
+        run._pending_config = config
+        if config is not None and not run.resumed:
+            run.save_config()
         return run
+
+    def save_config(self) -> None:
+        """Write the config given to `create` (on resume: the config now in force, e.g. a raised steps)."""
+        if getattr(self, "_pending_config", None) is not None:
+            save_config(self._pending_config, self.config_path)
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:
@@ -243,7 +260,9 @@ class RunDir:
         if "time" in values:
             raise ValueError("'time' is added by log_metrics (wall-clock seconds); log yours under another name")
         record = {"step": int(step), "time": round(time.time(), 3), **values}
-        line = json.dumps(record, default=_jsonable)
+        # JSON has no NaN or inf: a non-finite value is written as null (the trainer adds "skipped": true to
+        # the record of a step it skipped), so every line stays readable by any JSON parser.
+        line = json.dumps({k: _finite_or_none(v) for k, v in record.items()}, default=_jsonable, allow_nan=False)
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()
@@ -252,6 +271,14 @@ class RunDir:
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every record logged so far ([] before the first)."""
         return read_metrics(self.metrics_path) if self.metrics_path.exists() else []
+
+    def drop_metrics_after(self, step: int) -> int:
+        """Remove the records of steps after `step` (a resumed run replays them); return how many."""
+        records = self.read_metrics()
+        kept = [r for r in records if r.get("step", 0) <= step]
+        if len(kept) < len(records):
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        return len(records) - len(kept)
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -269,6 +296,92 @@ def _claim_timestamped(root: Path) -> Path:
             continue
         return path
     raise AssertionError("unreachable")
+
+
+class Stopped(Exception):
+    """A run stopped by a signal (SIGTERM, Ctrl-C) after saving a checkpoint it can be resumed from.
+
+    It propagates out of every stage, so nothing runs after it as if training had finished (a demo does not
+    sample a half-trained model); the CLI exits 128 + the signal number (143 for SIGTERM), as a shell does.
+    """
+
+    def __init__(self, signum: int, step: int, path: Path):
+        import signal
+
+        self.signum, self.step, self.path = signum, step, path
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} at step {step}: checkpoint saved; continue with --resume (name={path.name})")
+
+
+def resume_config(cls: type[T], fresh: T, overrides: Sequence[str], frozen: Sequence[str] = ("model",)) -> T:
+    """The config a resumed run continues with: the run's own config.yaml plus only the overrides given now.
+
+    `fresh` is the config built from --config and the overrides; it names the run (runs_dir/name). A run
+    that does not exist yet starts from `fresh`. The sections in `frozen` (the architecture) cannot change
+    on resume: the checkpoint holds weights of that shape.
+    """
+    name = getattr(fresh, "name", None)
+    if not name:
+        raise ConfigError("--resume needs the run's name: add name=<run> (the folder under runs_dir)")
+    path = Path(fresh.runs_dir) / name / CONFIG_FILE
+    if not path.is_file():
+        fresh.resume = True  # RunDir.create says that there was nothing to resume
+        return fresh
+    saved = load_config(cls, path)
+    resumed = load_config(cls, path, overrides)
+    for section in (s for s in frozen if hasattr(saved, s)):
+        before, after = _flat(to_dict(getattr(saved, section))), _flat(to_dict(getattr(resumed, section)))
+        changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+        if changed:
+            key = changed[0]
+            raise ConfigError(
+                f"--resume cannot change the architecture: {section}.{key} is {before.get(key)!r} in {path}, "
+                f"the override asks for {after.get(key)!r}; start a new run (another name=) to train another model"
+            )
+    resumed.resume = True
+    return resumed
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+_LOCKS: dict[Path, int] = {}
+
+
+def _lock(path: Path) -> None:
+    """Hold an exclusive flock on the run folder until this process exits (the kernel drops it with the
+    process, however it dies: no stale PID file to clean up). Re-entrant within one process."""
+    key = path.resolve()
+    if key in _LOCKS:
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; a second writer is not detected there
+        return
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(
+            f"run folder {path} is in use by another lmforge process; wait for it to finish (or stop it) first"
+        ) from None
+    _LOCKS[key] = fd
+
+
+def _finite_or_none(value: Any) -> Any:
+    if hasattr(value, "item") and not isinstance(value, (list, dict)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _jsonable(value: Any) -> Any:

@@ -105,6 +105,8 @@ def test_resume_and_exist_ok(tmp_path):
     run.log_metrics(1, loss=2.0)
     resumed = RunDir.create(tmp_path, "tiny", config=Cfg(steps=20), resume=True)
     assert resumed.resumed
+    assert resumed.load_config(Cfg).steps == 10  # not yet: written once the stage has loaded its checkpoint
+    resumed.save_config()
     assert resumed.load_config(Cfg).steps == 20  # the config now in force
     assert [r["loss"] for r in resumed.read_metrics()] == [2.0]  # earlier history kept
     added = RunDir.create(tmp_path, "tiny", exist_ok=True)

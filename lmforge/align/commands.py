@@ -19,7 +19,6 @@ def sft(args: argparse.Namespace) -> None:
     from lmforge.align.sft import SFTConfig, run
 
     cfg = config_from_args(SFTConfig, args)
-    cfg.resume = cfg.resume or args.resume
     run_dir = run(cfg)
     print(f"run folder: {run_dir.path}")
 
@@ -59,7 +58,6 @@ def _run_stage(module: str, config: str, args: argparse.Namespace) -> None:
 
     stage = importlib.import_module(f"lmforge.align.{module}")
     cfg = config_from_args(getattr(stage, config), args)
-    cfg.resume = cfg.resume or args.resume
     try:
         run_dir = stage.run(cfg)
     except ValueError as e:  # bad data or options found once the inputs are read: one line

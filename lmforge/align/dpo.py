@@ -19,7 +19,7 @@ import torch
 
 from lmforge.model import ModelConfig
 from lmforge.runs import RunDir
-from lmforge.train.loop import TrainConfig, Trainer
+from lmforge.train.loop import TrainConfig, Trainer, seed_everything
 
 from .lora import LoRAConfig, apply_lora, finish_lora_run
 from .losses import dpo_loss, sequence_logprob
@@ -102,6 +102,7 @@ def dpo_batch_loss(cfg: DPOConfig, tokenizer, max_len: int):
 
 
 def run(cfg: DPOConfig) -> RunDir:
+    seed_everything(cfg.train.seed)  # before any weights are made: the same seed reproduces the run
     cfg.validate()
     policy, tokenizer, tok_path = load_base(cfg)
     max_len = cfg.max_len or cfg.model.max_seq_len

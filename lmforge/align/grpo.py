@@ -18,7 +18,7 @@ import torch
 
 from lmforge.model import ModelConfig
 from lmforge.runs import RunDir
-from lmforge.train.loop import TrainConfig, Trainer
+from lmforge.train.loop import TrainConfig, Trainer, seed_everything
 
 from .lora import LoRAConfig, apply_lora, finish_lora_run
 from .losses import group_advantages, kl_k3, masked_mean, token_logprobs
@@ -84,6 +84,7 @@ def grpo_loss(beta: float, clip: float):
 
 
 def run(cfg: GRPOConfig) -> RunDir:
+    seed_everything(cfg.train.seed)  # before any weights are made: the same seed reproduces the run
     from lmforge.data.tasks import get_task
     from lmforge.train.task_eval import evaluate_tasks
 

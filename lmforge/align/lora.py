@@ -180,12 +180,10 @@ def load_adapters(model: nn.Module, path: str | Path) -> LoRAConfig:
 
 def finish_lora_run(model: nn.Module, run_dir, trainer, cfg: LoRAConfig) -> None:
     """End of a finished LoRA training run: the adapters alone to `adapters.safetensors`, then the merged model
-    as the last checkpoint, so later stages load the run like any other (W + (α/r)·B·A, plain keys). A run
-    stopped by a signal keeps its resumable checkpoint as it is."""
+    as the last checkpoint, so later stages load the run like any other (W + (α/r)·B·A, plain keys). (A run
+    stopped by a signal never gets here: Trainer.fit raises Stopped, keeping its resumable checkpoint.)"""
     from lmforge.train.checkpoint import save_checkpoint
 
-    if trainer.step < trainer.cfg.steps:
-        return
     save_adapters(model, run_dir.path / "adapters.safetensors", cfg)
     merge_lora(model)
     save_checkpoint(run_dir.checkpoints, trainer.step, model, {"step": trainer.step}, keep=trainer.cfg.keep_checkpoints,

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from lmforge.model import ModelConfig, Transformer
 from lmforge.runs import RunDir
-from lmforge.train.loop import TrainConfig, Trainer
+from lmforge.train.loop import TrainConfig, Trainer, seed_everything
 
 from .lora import LoRAConfig, apply_lora, finish_lora_run
 from .losses import gae, kl_k1, kl_k3, leave_one_out, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
@@ -183,6 +183,7 @@ def reward_scale(policy, tokenizer, reward_model, pool: list, cfg: PPOConfig, n:
 
 
 def run(cfg: PPOConfig) -> RunDir:
+    seed_everything(cfg.train.seed)  # before any weights are made: the same seed reproduces the run
     from lmforge.data.tasks import examples, get_task
     from lmforge.train.checkpoint import save_checkpoint
     from lmforge.train.task_eval import greedy_replies
@@ -274,9 +275,7 @@ def run(cfg: PPOConfig) -> RunDir:
     loss_fn = ppo_loss(cfg.clip, cfg.value_clip, cfg.vf_coef)
     trainer = Trainer(model, cfg.train, run_dir, batch_fn=batch_fn, loss_fn=loss_fn, eval_fn=eval_fn,
                       tokens_fn=lambda b: int(b.mask.sum()), resume=cfg.resume)  # fmt: skip
-    trainer.fit()
-    if trainer.step < cfg.train.steps:  # stopped by a signal: keep the resumable checkpoint as it is
-        return run_dir
+    trainer.fit()  # a signal raises Stopped out of it, keeping the resumable checkpoint (value head too)
     # Later stages load the run like a pretraining run: the last checkpoint keeps the policy alone.
     if cfg.lora.enabled:
         finish_lora_run(policy, run_dir, trainer, cfg.lora)  # the adapters, merged, without the value head

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from lmforge.model import ModelConfig, Transformer
 from lmforge.runs import RunDir
-from lmforge.train.loop import TrainConfig, Trainer
+from lmforge.train.loop import TrainConfig, Trainer, seed_everything
 
 from .losses import bradley_terry_loss
 from .pairs import PairBatch, collate, load_pairs, pad, render
@@ -108,6 +108,7 @@ def pairwise_accuracy(model: RewardModel, tokenizer, pairs: list[dict], max_len:
 
 
 def run(cfg: RewardConfig) -> RunDir:
+    seed_everything(cfg.train.seed)  # before any weights are made: the same seed reproduces the run
     if cfg.init:
         model, tokenizer = load_reward_model(cfg.init)
         tok_path, cfg.model = Path(cfg.init) / "tokenizer.json", model.cfg

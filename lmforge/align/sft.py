@@ -23,7 +23,7 @@ import torch
 
 from lmforge.model import ModelConfig
 from lmforge.runs import RunDir
-from lmforge.train.loop import TrainConfig, Trainer
+from lmforge.train.loop import TrainConfig, Trainer, seed_everything
 
 from .lora import LoRAConfig, apply_lora, finish_lora_run
 from .losses import masked_mean, token_logprobs
@@ -117,6 +117,7 @@ def masked_lm_loss(model, batch) -> torch.Tensor:
 
 
 def run(cfg: SFTConfig) -> RunDir:
+    seed_everything(cfg.train.seed)  # before any weights are made: the same seed reproduces the run
     from lmforge.train.checkpoint import latest_checkpoint
 
     cfg.validate()

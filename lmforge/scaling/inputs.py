@@ -112,7 +112,7 @@ def load_curve(
 
     run = RunDir.open(path)
     cfg = run.load_config(PretrainConfig)
-    rows = [r for r in run.read_metrics() if metric in r and np.isfinite(r[metric])]
+    rows = [r for r in run.read_metrics() if r.get(metric) is not None and np.isfinite(r[metric])]
     if rows:
         rows = [r for r in rows if r["step"] > skip * rows[-1]["step"]]
     if len(rows) < 3:

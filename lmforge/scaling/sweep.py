@@ -175,7 +175,7 @@ def train(run: PlannedRun, cfg: SweepConfig, root: Path) -> dict:
     run_dir = pretrain(pcfg)
     seconds = time.perf_counter() - t0
     last = [r for r in run_dir.read_metrics() if "val_loss" in r][-1]
-    train_losses = [r["loss"] for r in run_dir.read_metrics() if "loss" in r][-5:]
+    train_losses = [r["loss"] for r in run_dir.read_metrics() if r.get("loss") is not None][-5:]
     return {"name": run.name, "role": run.role, "budget": run.budget, "n_layer": run.model.n_layer,
             "d_model": run.model.d_model, "n_head": run.model.n_head, "params": run.params, "tokens": run.tokens,
             "flops": run.flops, "steps": run.steps, "val_loss": last["val_loss"],

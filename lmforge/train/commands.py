@@ -18,9 +18,7 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
 def pretrain(args: argparse.Namespace) -> None:
     from lmforge.train.pretrain import PretrainConfig, run
 
-    cfg = config_from_args(PretrainConfig, args)
-    cfg.resume = cfg.resume or args.resume
-    run_dir = run(cfg)
+    run_dir = run(config_from_args(PretrainConfig, args))
     print(f"run folder: {run_dir.path}")
 
 

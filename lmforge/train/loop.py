@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from lmforge.runs import RunDir
+from lmforge.runs import RunDir, Stopped
 
 from . import distributed as dist_utils
 from .checkpoint import (
@@ -74,6 +74,18 @@ class TrainConfig:
             )
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator a stage draws from. Call it first thing in a stage's run(), before any weights are
+    initialised (the model, a value or reward head, LoRA adapters): same seed and config, same losses."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -159,11 +171,15 @@ class Trainer:
         self._stop_signal: int | None = None
         if resume:
             self._resume()
+        if run.resumed and self.env.rank == 0:
+            run.save_config()  # only now: the model was rebuilt from it and its checkpoint loaded
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def _resume(self) -> None:
         path = latest_checkpoint(self.run.checkpoints)
         if path is None:
+            if self.run.resumed:
+                self._log(f"--resume: {self.run.path} has no checkpoint yet, so training starts from step 0")
             return
         state = load_checkpoint(path, self.raw_model)
         if "sharded_path" in state:
@@ -175,6 +191,8 @@ class Trainer:
         if state.get("world_size") == self.env.world_size:  # RNG streams are per rank
             set_rng_state(state["rng"][self.env.rank])
         self.step = int(state["step"])
+        if self.env.rank == 0:  # the steps after the checkpoint are trained again: their old records go
+            self.run.drop_metrics_after(self.step)
         self._log(f"resumed from {path} at step {self.step}")
 
     def save(self) -> None:
@@ -227,6 +245,8 @@ class Trainer:
                     self._log(f"signal received: checkpoint at step {self.step}, then stop")
                     break
             self.save()
+            if self._stop_signal is not None:  # stopped early: the caller must not go on as if it finished
+                raise Stopped(self._stop_signal, self.step, self.run.path)
         finally:
             if bar is not None:
                 bar.close()
@@ -268,7 +288,7 @@ class Trainer:
         loss_value = dist_utils.mean(total_loss, self.env) if finite else float("nan")
         metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, **extra}
         if not finite:
-            metrics["skipped"] = 1.0
+            metrics["skipped"] = True
             self._log(f"step {self.step}: non-finite loss or gradient, step skipped")
         if self.scaler.is_enabled():
             metrics["loss_scale"] = float(self.scaler.get_scale())
@@ -303,7 +323,7 @@ class Trainer:
 
     def _record(self, metrics: dict[str, float]) -> None:
         if self.env.rank == 0:
-            self.run.log_metrics(self.step, **{k: float(v) for k, v in metrics.items()})
+            self.run.log_metrics(self.step, **{k: v if isinstance(v, bool) else float(v) for k, v in metrics.items()})
             _tensorboard_log(self.run, self.step, metrics)
 
     def _postfix(self, m: dict[str, float]) -> str:

@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lmforge.config import ConfigError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.runs import RunDir, atomic_write_bytes
 
-from .loop import TrainConfig, Trainer
+from .loop import TrainConfig, Trainer, seed_everything
 
 
 @dataclass
@@ -80,6 +81,7 @@ def run(cfg: PretrainConfig) -> RunDir:
 
     from .distributed import environment
 
+    seed_everything(cfg.train.seed)
     data = TokenData(cfg.data)
     env = environment()
     model = build_model(cfg, data)
@@ -89,8 +91,15 @@ def run(cfg: PretrainConfig) -> RunDir:
         if env.rank == 0
         else RunDir(Path(cfg.runs_dir) / (cfg.name or "unnamed"))
     )
+    tokenizer = Path(data.tokenizer_path).read_bytes()
+    own = run_dir.path / "tokenizer.json"
+    if run_dir.resumed and own.is_file() and own.read_bytes() != tokenizer:
+        raise ConfigError(
+            f"data={cfg.data} was tokenized with another tokenizer than run {run_dir.path}; "
+            "resume it on data prepared with the run's tokenizer (lmforge prepare --tokenizer RUN/tokenizer.json)"
+        )
     if env.rank == 0:  # the run carries its tokenizer, so sample/eval/export need only the run folder
-        atomic_write_bytes(run_dir.path / "tokenizer.json", Path(data.tokenizer_path).read_bytes())
+        atomic_write_bytes(own, tokenizer)
 
     def batch_fn(step: int, micro: int, n_micro: int):
         x, y = sample_batch(

@@ -182,10 +182,14 @@ def test_an_interrupted_ppo_run_resumes_exactly(base_run, monkeypatch):
         return out
 
     monkeypatch.setattr(Trainer, "train_step", interrupted)
-    stopped = ppo_run(cfg("ppo-resumed"))
+    from lmforge.runs import Stopped
+
+    with pytest.raises(Stopped) as stopped:  # the stage stops there: nothing runs as if it had finished
+        ppo_run(cfg("ppo-resumed"))
     from lmforge.train.checkpoint import latest_checkpoint
 
-    assert latest_checkpoint(stopped.checkpoints).name == "step_000002"  # the resumable one, value head included
+    # the resumable one, value head included
+    assert latest_checkpoint(stopped.value.path / "checkpoints").name == "step_000002"
     monkeypatch.setattr(Trainer, "train_step", step)
     resumed_cfg = cfg("ppo-resumed")
     resumed_cfg.resume = True

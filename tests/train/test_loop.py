@@ -9,7 +9,7 @@ import pytest
 import torch
 from train_helpers import batch_fn_for, lm_loss, tiny_model
 
-from lmforge.runs import RunDir, read_metrics
+from lmforge.runs import RunDir, Stopped, read_metrics
 from lmforge.train.checkpoint import latest_checkpoint
 from lmforge.train.loop import TrainConfig, Trainer, lr_at, make_optimizer
 
@@ -69,7 +69,8 @@ def test_resume_continues_exactly(tmp_path):
         return lm_loss(model, batch)
 
     first.loss_fn = loss_then_sigterm
-    first.fit()
+    with pytest.raises(Stopped, match="SIGTERM at step 3"):  # and the CLI exits 143
+        first.fit()
     assert latest_checkpoint(split.checkpoints).name == "step_000003"
     resumed = make(split, config(steps=6), seed=123, resume=True, dropout=0.1)  # other init: must be overwritten
     assert resumed.step == 3
