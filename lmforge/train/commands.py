@@ -67,11 +67,37 @@ def evaluate(args: argparse.Namespace) -> None:
         return _evaluate_tasks(args)
     from lmforge.train.artifacts import evaluate as evaluate_run
 
+    if args.data is not None:
+        _check_same_tokenizer(args.run, args.data)
     result = evaluate_run(args.run, args.data, batches=args.batches)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"val loss {result['val_loss']:.4f} nats/token, {result['val_bpb']:.4f} bits/byte")
+
+
+def _check_same_tokenizer(run: str, data: str) -> None:
+    """Refuse, before the model loads, val data tokenized by another tokenizer than the run's: its loss would
+    be a number about other token ids, meaningless. Compared by the tokenizers' content (key order aside)."""
+    from pathlib import Path
+
+    from lmforge.config import ConfigError
+
+    ours, theirs = Path(run) / "tokenizer.json", Path(data) / "tokenizer.json"
+    if not (ours.is_file() and theirs.is_file()):
+        return  # a missing file is the loaders' error to report, with their message
+
+    def content(path: Path) -> object:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return path.read_bytes()
+
+    if content(ours) != content(theirs):
+        raise ConfigError(
+            f"--data {data} was tokenized with another tokenizer than {run}; prepare it with the run's "
+            f"(lmforge prepare --tokenizer {ours}) or drop --data to use the run's own val split"
+        )
 
 
 def _evaluate_tasks(args: argparse.Namespace) -> None:

@@ -78,14 +78,20 @@ def test_resume_refuses_a_change_of_architecture_and_leaves_the_run_as_it_was(da
     assert {p.relative_to(runs): p.read_bytes() for p in runs.rglob("*") if p.is_file()} == before
 
 
-def test_resume_on_data_of_another_tokenizer_is_refused_before_the_config_is_touched(data, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def other(data: Path) -> Path:
+    """The same corpus, tokenized by a BPE tokenizer instead of the char one."""
     from lmforge.data.prepare import PrepareConfig
     from lmforge.data.prepare import run as prepare
 
+    return prepare(load_config(PrepareConfig, None, [f"source=text:{data.parent / 'corpus'}",
+                                                     f"out={data.parent / 'bpe'}", "vocab_size=300",
+                                                     "val_fraction=0.3"]))  # fmt: skip
+
+
+def test_resume_on_data_of_another_tokenizer_is_refused_before_the_config_is_touched(data, other, tmp_path, capsys):
     runs = tmp_path / "runs"
     assert pretrain(data, runs, "name=mine", "train.steps=2") in (0, None)
-    other = prepare(load_config(PrepareConfig, None, [f"source=text:{data.parent / 'corpus'}", f"out={tmp_path / 'd'}",
-                                                       "vocab_size=300", "val_fraction=0.3"]))  # fmt: skip
     config = (runs / "mine" / "config.yaml").read_bytes()
     capsys.readouterr()
     assert pretrain(data, runs, "name=mine", "--resume", f"data={other}", "train.steps=4") == 2
@@ -115,6 +121,14 @@ def test_two_fresh_pretraining_runs_with_one_seed_log_the_same_losses(data, tmp_
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     assert pretrain(data, tmp_path, "name=c", "train.steps=3", "train.seed=8") in (0, None)
     assert losses(tmp_path / "c") != losses(tmp_path / "a")
+
+
+def test_eval_on_data_of_another_tokenizer_is_refused_in_one_line(data, other, tmp_path, capsys):
+    assert pretrain(data, tmp_path, "name=e", "train.steps=1") in (0, None)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "e"), "--data", str(other)]) == 2
+    assert "another tokenizer" in one_line(capsys.readouterr().err)
+    assert main(["eval", str(tmp_path / "e"), "--data", str(data), "--json"]) in (0, None)  # its own: fine
 
 
 # ---- item 7: signals, one writer at a time, strict JSON -----------------------------------------------
