@@ -1,4 +1,5 @@
 """What a finished run is used for: load its model, sample from it, evaluate it, export it to HF.
+`load_run_model` is the one loader of every command that takes a model from the user.
 
 lmforge sample runs/demo --prompt "def fibonacci(n):" --max-new-tokens 120
 lmforge eval runs/demo                       # val loss and bits per byte on the run's data
@@ -16,19 +17,35 @@ from lmforge.config import ConfigError
 from lmforge.model import Transformer
 from lmforge.runs import RunDir
 
-from .checkpoint import latest_checkpoint, load_weights
+from .checkpoint import STEP_DIR, latest_checkpoint, load_weights
 from .pretrain import PretrainConfig, evaluate_lm
 
 
 def load_run_model(
-    run: str | Path, step: int | None = None, build=Transformer
+    path: str | Path, step: int | None = None, build=Transformer
 ) -> tuple[Transformer, Path, PretrainConfig]:
-    """The model of a run folder at its latest checkpoint (or `step`), its tokenizer.json and its config.
-    `build(model_config)` makes the module the checkpoint holds (a reward model wraps the Transformer)."""
-    run_dir = RunDir.open(run)
+    """The one loader of every command that takes a model from the user (sample, generate, eval, export, a later
+    stage's base= or init=, a rater): (model in eval mode, its tokenizer.json, its config).
+
+    `path` is a run folder (its latest checkpoint, or the one of `step`), one checkpoint folder of a run
+    (runs/NAME/checkpoints/step_000720), or a Hugging Face folder (config.json + safetensors, e.g. written by
+    `lmforge export`). Weights load through safetensors only (`load_weights`, `from_hf`): nothing the user
+    points at is unpickled. `build(model_config)` makes the module the checkpoint holds (a reward model wraps
+    the Transformer)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: give a run folder (runs/NAME), one of its checkpoints "
+                                "(runs/NAME/checkpoints/step_NNNNNN) or a Hugging Face folder")  # fmt: skip
+    if (path / "config.json").is_file():
+        return _load_hf_folder(path, build)
+    ckpt = None
+    if path.parent.name == "checkpoints" and STEP_DIR.match(path.name):  # runs/NAME/checkpoints/step_000720
+        ckpt, path = path, path.parent.parent
+    run_dir = RunDir.open(path)
     config = pretrain_view(run_dir)
     model = build(config.model)
-    ckpt = run_dir.checkpoints / f"step_{step:06d}" if step is not None else latest_checkpoint(run_dir.checkpoints)
+    if ckpt is None:
+        ckpt = run_dir.checkpoints / f"step_{step:06d}" if step is not None else latest_checkpoint(run_dir.checkpoints)
     if ckpt is None or not ckpt.is_dir():
         raise FileNotFoundError(f"no checkpoint in {run_dir.checkpoints}: train first, or pick another --step")
     try:
@@ -37,6 +54,17 @@ def load_run_model(
         raise ConfigError(_other_model(run_dir.path, model, str(e))) from None
     model.eval()
     return model, run_dir.path / "tokenizer.json", config
+
+
+def _load_hf_folder(path: Path, build) -> tuple[Transformer, Path, PretrainConfig]:
+    from lmforge.model.hf import from_hf
+
+    if build is not Transformer:
+        raise ConfigError(f"{path} is a Hugging Face language model folder: give a run of the stage this needs")
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{path} has no tokenizer.json: export it with `lmforge export`")
+    model = from_hf(path).eval()
+    return model, path / "tokenizer.json", PretrainConfig(model=model.cfg, data="")
 
 
 def _other_model(run: Path, model: torch.nn.Module, error: str) -> str:
@@ -99,6 +127,8 @@ def evaluate(run: str | Path, data: str | None = None, batches: int = 0, batch_s
     from .distributed import environment
 
     model, _, config = load_run_model(run)
+    if not (data or config.data):
+        raise ConfigError(f"{run} is a Hugging Face folder, which names no data: give --data (a prepared folder)")
     token_data = TokenData(data or config.data)
     with torch.no_grad():
         return evaluate_lm(model, token_data, seq_len=model.cfg.max_seq_len, batch_size=batch_size,

@@ -4,7 +4,9 @@ plain values loaded with `torch.load(weights_only=True)`.
 A checkpoint is a folder `checkpoints/step_000100/` written as `step_000100.tmp/` and renamed when complete, so
 a crash (even SIGKILL) mid-write leaves the previous checkpoint intact and the half-written one ignored. The
 last `keep` complete checkpoints are kept. Sharded (FSDP) runs save with torch.distributed.checkpoint (DCP),
-which reshards on load, so a run saved on 2 ranks resumes on 1.
+which reshards on load, so a run saved on 2 ranks resumes on 1; rank 0 also writes the gathered weights as
+model.safetensors. Weights are only ever loaded from model.safetensors: DCP (whose .metadata is a pickle) is
+read only to resume a run's own optimizer state.
 
     save_checkpoint(run.checkpoints, step, model, state={"optimizer": opt.state_dict(), ...})
     path = latest_checkpoint(run.checkpoints)          # None when there is none
@@ -23,9 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 
-from lmforge.runs import fsync_dir
+from lmforge.config import UserError
+from lmforge.runs import count_write, fsync_dir
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 WEIGHTS, STATE, INFO, SHARDED = "model.safetensors", "trainer.pt", "info.json", "dcp"
@@ -87,8 +90,11 @@ def save_checkpoint(
     if rank != 0:
         return final
     if not sharded:
+        count_write(tmp / WEIGHTS)
         save_model(_unwrap(model), str(tmp / WEIGHTS))  # handles the tied embedding/head pair
+        count_write(tmp / STATE)
         torch.save(state, tmp / STATE)
+    count_write(tmp / INFO)
     (tmp / INFO).write_text(json.dumps({"step": step, "sharded": sharded, **(info or {})}, indent=1))
     _fsync_files(tmp)
     if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
@@ -111,29 +117,53 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
 
 
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
-    """Weights only (for sampling, eval, export): works for plain and sharded checkpoints."""
+    """Weights only (for sampling, eval, export, a later stage's base), from `model.safetensors` only: a path a
+    user points at is never unpickled, and DCP's `.metadata` is a pickle, so a sharded checkpoint is read
+    through the `model.safetensors` that rank 0 gathers beside its shards (see `_save_sharded`)."""
     path = Path(path)
-    if (path / WEIGHTS).exists():
-        load_model(_unwrap(model), str(path / WEIGHTS), strict=True)
-        return
-    import torch.distributed.checkpoint as dcp
-
-    state = {"model": _unwrap(model).state_dict()}
-    dcp.load(state, checkpoint_id=str(path / SHARDED), no_dist=True)
-    _unwrap(model).load_state_dict(state["model"])
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"no {WEIGHTS} in {path}: lmforge loads weights from safetensors only (never from a "
+                        "pickle such as DCP's .metadata); point at a checkpoint or run that has one")  # fmt: skip
+    load_model(_unwrap(model), str(weights), strict=True)
 
 
 def _save_sharded(folder: Path, model, state: dict[str, Any]) -> None:
+    """Every rank writes its shards of model and optimizer with DCP (for resuming on any number of ranks);
+    rank 0 also writes the gathered weights as model.safetensors (for everything that only needs the model,
+    which never reads DCP). The gather is collective: all ranks call it, rank 0 alone receives the tensors
+    (on CPU, so a model larger than one GPU's memory still fits)."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+    )
 
     optimizer = state.pop("optimizer_object")
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    count_write(folder / SHARDED)  # DCP writes one file per rank and the metadata: counted as one
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(folder / SHARDED))
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
+        count_write(folder / WEIGHTS)
+        save_file(_without_tied_copies(full, model), str(folder / WEIGHTS))
+        count_write(folder / STATE)
         torch.save(state, folder / STATE)
     dist.barrier()
+
+
+def _without_tied_copies(full: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The gathered state dict holds a tied parameter (embedding = head) once per name, as separate tensors;
+    keep its first name only, as `save_model` does for an unsharded model, so `load_model` accepts the file."""
+    seen: set[int] = set()
+    drop = []
+    for name, p in _unwrap(model).named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            drop.append(name)
+        seen.add(id(p))
+    return {k: v.contiguous() for k, v in full.items() if k not in drop}
 
 
 def _load_sharded(path: Path, model) -> dict[str, Any]:
