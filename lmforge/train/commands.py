@@ -37,8 +37,10 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
 
 @command("sample", help="continue a prompt with a trained run's model, streaming", arguments=_sample_args)
 def sample(args: argparse.Namespace) -> None:
+    from lmforge.infer.commands import sampling_params_from_args
     from lmforge.train.artifacts import sample as sample_run
 
+    sampling_params_from_args(args)  # a value out of range is one line, before the model loads
     print(args.prompt, end="", flush=True)
     sample_run(args.run, args.prompt or "\n", max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                top_k=args.top_k, seed=args.seed)  # fmt: skip

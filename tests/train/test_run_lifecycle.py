@@ -214,3 +214,18 @@ def yaml_of_text(text: str) -> dict:
     import yaml
 
     return yaml.safe_load(text)
+
+
+@pytest.mark.parametrize("option", [["--temperature", "-1"], ["--max-new-tokens", "-1"], ["--top-k", "-2"]])
+def test_sample_with_an_option_out_of_range_is_one_line_before_the_model_loads(option, tmp_path, capsys):
+    assert main(["sample", str(tmp_path / "no-such-run"), *option]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert option[0] in err and "no-such-run" not in err
+
+
+@pytest.mark.parametrize("bad", ["train.lr=nan", "train.lr=.inf", "train.min_lr=nan", "train.beta2=1.5"])
+def test_a_learning_rate_that_is_not_a_number_is_one_line(bad, tmp_path, capsys):
+    assert main(["pretrain", f"runs_dir={tmp_path}", "name=x", bad]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert bad.split("=")[0].split(".")[1] in err
+    assert not (tmp_path / "x").exists()
