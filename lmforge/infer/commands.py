@@ -86,6 +86,7 @@ def _check_generate_args(args: argparse.Namespace) -> None:
 def generate(args: argparse.Namespace) -> None:
     import time
 
+    from lmforge.infer.context import check_context
     from lmforge.infer.loading import load_for_inference
     from lmforge.infer.sampling import TextStream
 
@@ -104,6 +105,8 @@ def generate(args: argparse.Namespace) -> None:
 
         quantize_model(model, args.quantize)
     prompt = tok.encode(args.prompt)
+    for m in (model, draft) if draft is not None else (model,):
+        check_context(m.cfg, len(prompt), params.max_new_tokens, streaming=args.kv == "sliding")
     paged = args.kv.startswith("paged") or args.n > 1 or args.logprobs is not None
     print(args.prompt, end="", flush=True)
     start, count = time.perf_counter(), 0

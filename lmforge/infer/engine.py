@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .context import check_context
 from .paged import OutOfBlocks, PagedKVPool, PagedSequence
 from .sampling import SamplingParams, TextStream, TokenLogprobs, draw, processed_probs, token_logprobs
 
@@ -121,11 +122,7 @@ class Engine:
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
         total = len(prompt) + params.max_new_tokens
-        if self.cfg.position == "learned" and total > self.cfg.max_seq_len:
-            raise ValueError(
-                f"prompt ({len(prompt)}) + max_new_tokens ({params.max_new_tokens}) exceed the model's "
-                f"{self.cfg.max_seq_len} positions: shorten the prompt or lower max_new_tokens"
-            )
+        check_context(self.cfg, len(prompt), params.max_new_tokens)
         if -(-total // self.pool.block_size) > self.pool.num_blocks:
             raise ValueError(f"{total} tokens cannot fit the KV cache ({self.pool.capacity_tokens} tokens): "
                              "give the engine more KV memory")  # fmt: skip

@@ -15,8 +15,10 @@ from collections.abc import Iterator
 
 import torch
 
+from .context import check_context
 from .kv_cache import ContiguousKVCache
 from .sampling import SamplingParams, draw, processed_probs
+from .sliding import SlidingKVCache
 
 
 @torch.no_grad()
@@ -36,10 +38,8 @@ def generate_stream(
     cfg = model.cfg
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
+    check_context(cfg, len(prompt), params.max_new_tokens, streaming=isinstance(cache, SlidingKVCache))
     total = len(prompt) + params.max_new_tokens
-    if cfg.position == "learned" and total > cfg.max_seq_len:  # no positions past the table
-        raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({params.max_new_tokens}) exceed the model's "
-                         f"{cfg.max_seq_len} positions: shorten the prompt or lower max_new_tokens")  # fmt: skip
     weight = next(model.parameters())
     device = weight.device
     if cache is None:

@@ -29,6 +29,7 @@ import torch
 
 from lmforge.config import UserError
 
+from .context import check_context
 from .kv_cache import ContiguousKVCache
 from .sampling import SamplingParams, draw, generator_for, processed_probs
 
@@ -227,8 +228,7 @@ class SpeculativeStream:
         for m in models:
             if m.cfg.attention == "linear" and (draft is not None or lookup_ngram is not None):
                 raise ValueError("linear attention keeps a state that cannot roll back rejected drafts")
-            if m.cfg.position == "learned" and self.max_len > m.cfg.max_seq_len:
-                raise ValueError(f"prompt + max_new_tokens ({self.max_len}) exceed {m.cfg.max_seq_len} positions")
+            check_context(m.cfg, len(prompt), params.max_new_tokens)
             m.eval()
         self.target, self.prompt, self.params, self.vocab_size = target, list(prompt), params, vocab_size
         self.device = next(target.parameters()).device

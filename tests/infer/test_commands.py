@@ -89,3 +89,17 @@ def test_a_draft_with_the_same_tokenizer_speculates(loads, capsys):
     status, out, err = run(["--ckpt", "runs/target", "--draft", "runs/draft", "--prompt", "ab", "--temperature", "0",
                             "--max-new-tokens", "6", "--stats"], capsys)  # fmt: skip
     assert status == 0 and loads == ["runs/target", "runs/draft"] and "acceptance" in out, err
+
+
+@pytest.fixture
+def rope_loads(monkeypatch):
+    tok = Tokenizer.train_char(["ab\ncd "])
+    monkeypatch.setattr(loading, "load_for_inference", lambda path: (tiny_model(tok.vocab_size, position="rope"), tok))
+
+
+def test_a_prompt_past_the_rope_context_is_one_line(rope_loads, capsys):
+    status, out, err = run(["--ckpt", "runs/tiny", "--prompt", "ab" * 30, "--max-new-tokens", "5"], capsys)  # 65 > 64
+    assert status == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("lmforge: error: prompt (60 tokens) + max_new_tokens (5) = 65, past the model's context")
+    status, out, err = run(["--ckpt", "runs/tiny", "--prompt", "ab" * 30, "--max-new-tokens", "4"], capsys)
+    assert status == 0, err

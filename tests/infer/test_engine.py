@@ -47,7 +47,7 @@ def test_engine_greedy_equals_no_cache_recompute(overrides):
 
 
 def test_prefill_chunks_of_similar_length_share_a_forward(monkeypatch):
-    model = tiny()
+    model = tiny(max_seq_len=512)  # room for the 300-token prompt
     batch = prompts(8, lo=3, hi=12) + [prompts(1, lo=300, hi=301, seed=1)[0]]  # 8 short prompts and a long one
     rows = []
     forward = Engine._forward
