@@ -18,11 +18,13 @@ Every stage declares its settings as a (possibly nested) dataclass and loads it 
 Values are converted from the field annotations (int, float, bool, str, Path, `X | None`, `Literal[...]`,
 list[...], tuple[...], dict[...], nested dataclasses). Override values are parsed as YAML, so `true`,
 `null`, `1e-3` and `[1, 2]` mean what they look like. Every problem raises `ConfigError` with a one-line
-message naming the key and what to do about it.
+message naming the key and what to do about it, and where the bad value came from: `override train.lr=abc: ...`
+for the command line, `configs/x.yaml: ...` for the file (also when a section's validate() objects to it).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -66,19 +68,75 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     """Read the YAML file at `path` (if any), apply `key=value` overrides, build and validate `cls`."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"load_config needs a dataclass, got {cls!r}")
-    data = _read_yaml(Path(path)) if path is not None else {}
+    file_data = _read_yaml(Path(path)) if path is not None else {}
     if isinstance(overrides, str):  # a lone "a=1" would otherwise be iterated character by character
         overrides = [overrides]
-    overridden: list[str] = []
-    for text in overrides:
-        overridden.append(_apply_override(data, cls, text))
+    overrides = [str(text) for text in overrides]
+    data = copy.deepcopy(file_data)
+    keys = [_apply_override(data, cls, text) for text in overrides]
     try:
         return from_dict(cls, data)
     except ConfigError as e:
-        # Blame the file unless the offending key came from the command line.
-        if path is None or _under_any(e.key, overridden):
+        culprits = _culprits(cls, file_data, overrides, keys, e)
+        if len(culprits) == 1:
+            text, key = overrides[culprits[0]], keys[culprits[0]]
+            message = str(e).removeprefix(f"{key}: ")  # the override names the key already
+            raise ConfigError(f"override {text}: {message}", e.key) from None
+        if culprits:
+            raise ConfigError(f"overrides {', '.join(overrides[i] for i in culprits)}: {e}", e.key) from None
+        if path is None:
             raise
         raise ConfigError(f"{path}: {e}", e.key) from None
+
+
+def _culprits(
+    cls: type, file_data: dict[str, Any], overrides: list[str], keys: list[str], error: ConfigError
+) -> list[int]:
+    """The overrides without which `error` goes away; none when the file (or the defaults) has it alone.
+
+    The key of an error does not tell: validate() of a section reports the section, whichever of its values
+    came from where (`train.lr=1e-5` against the file's min_lr). So leave each override out in turn. Leaving
+    out one that replaced a bad value of the file brings that value's own error back, which says nothing about
+    `error`: then the file's value is left out too (the field keeps its default)."""
+    failure = (str(error), error.key)
+
+    def outcome(skip: int, drop: bool) -> tuple[str, str | None] | None:
+        data = copy.deepcopy(file_data)
+        if drop:
+            _delete(data, keys[skip].split("."))
+        for i, text in enumerate(overrides):
+            if i != skip:
+                _apply_override(data, cls, text)
+        try:
+            from_dict(cls, data)
+        except ConfigError as e:
+            return str(e), e.key
+        return None
+
+    culprits = []
+    for i in range(len(overrides)):
+        got = outcome(i, drop=False)
+        if got is not None and got != failure and _related(got[1], keys[i]):
+            got = outcome(i, drop=True)
+        if got != failure:
+            culprits.append(i)
+    return culprits
+
+
+def _related(error_key: str | None, key: str) -> bool:
+    """Whether an error at `error_key` may be about the value at `key`: the same field, one inside it, or a
+    section holding it (whose validate() reports the section)."""
+    if error_key is None:
+        return True
+    return any(a == b or a.startswith((b + ".", b + "[")) for a, b in ((error_key, key), (key, error_key)))
+
+
+def _delete(data: dict[str, Any], parts: list[str]) -> None:
+    node: Any = data
+    for part in parts[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(parts[-1], None)
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
@@ -188,10 +246,6 @@ def _check_key_path(cls: type, parts: list[str], text: str) -> None:
             hint = _hint(part, names, prefix)
             raise ConfigError(f"unknown key '{dotted}' in override {text!r}{hint}", dotted)
         tp = get_type_hints(tp)[part]
-
-
-def _under_any(key: str | None, prefixes: list[str]) -> bool:
-    return key is not None and any(key == p or key.startswith((p + ".", p + "[")) for p in prefixes)
 
 
 # --------------------------------------------------------------------------------------------- building

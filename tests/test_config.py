@@ -200,41 +200,91 @@ def test_bad_override_syntax(bad):
 
 def test_literal_validation(tmp_path):
     message = error(load_config, Recipe, None, ["model.norm=rmsnom"])
-    assert message.startswith("model.norm: 'rmsnom' is not one of 'layernorm', 'rmsnorm'")
+    assert message.startswith("override model.norm=rmsnom: 'rmsnom' is not one of 'layernorm', 'rmsnorm'")
     assert "did you mean 'rmsnorm'" in message
 
 
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("optim.lr=abc", "optim.lr: expected a float, got 'abc'"),
-        ("optim.lr=true", "optim.lr: expected a float, got True"),
-        ("steps=1.5", "steps: expected an int, got 1.5"),
-        ("steps=null", "steps: expected an int, got null"),
-        ("compile=1", "compile: expected true or false, got 1"),
-        ("model.window=abc", "model.window: expected an int or null, got 'abc'"),
-        ("optim.schedule=3", "optim.schedule: expected a list, got 3"),
+        ("optim.lr=abc", "expected a float, got 'abc'"),
+        ("optim.lr=true", "expected a float, got True"),
+        ("steps=1.5", "expected an int, got 1.5"),
+        ("steps=null", "expected an int, got null"),
+        ("compile=1", "expected true or false, got 1"),
+        ("model.window=abc", "expected an int or null, got 'abc'"),
+        ("optim.schedule=3", "expected a list, got 3"),
         ("optim.schedule=[1, x]", "optim.schedule[1]: expected an int, got 'x'"),
-        ("optim.betas=[1, 2, 3]", "optim.betas: expected a list of 2 items, got 3"),
+        ("optim.betas=[1, 2, 3]", "expected a list of 2 items, got 3"),
         ("tags={a: b}", "tags.a: expected a float, got 'b'"),
-        ("model=3", "model: expected a mapping of Model fields, got 3"),
-        ("name=[1]", "name: expected a string, got [1]"),
-        ("init_from=abc", "init_from: expected a mapping of Model fields or null, got 'abc'"),
-        (
-            "model.scaling=lineer",
-            "model.scaling: 'lineer' is not one of 'linear', 'llama3' (did you mean 'linear'?)",
-        ),
+        ("model=3", "expected a mapping of Model fields, got 3"),
+        ("name=[1]", "expected a string, got [1] (quote it)"),
+        ("init_from=abc", "expected a mapping of Model fields or null, got 'abc'"),
+        ("model.scaling=lineer", "'lineer' is not one of 'linear', 'llama3' (did you mean 'linear'?)"),
     ],
 )
-def test_type_errors_name_the_key(override, expected):
-    assert error(load_config, Recipe, None, [override]).startswith(expected)
+def test_type_errors_name_the_override_and_key(override, expected):
+    # The override names the key; a key inside it (a list item, a mapping entry) is named as well.
+    assert error(load_config, Recipe, None, [override]) == f"override {override}: {expected}"
 
 
 def test_errors_from_the_file_name_the_file(tmp_path):
     path = write(tmp_path, "optim:\n  lr: fast\n")
     assert error(load_config, Recipe, path) == f"{path}: optim.lr: expected a float, got 'fast'"
     # ...but a bad value given on the command line is not blamed on the file
-    assert error(load_config, Recipe, write(tmp_path, "", "ok.yaml"), ["optim.lr=fast"]).startswith("optim.lr")
+    message = error(load_config, Recipe, write(tmp_path, "", "ok.yaml"), ["optim.lr=fast"])
+    assert message == "override optim.lr=fast: expected a float, got 'fast'"
+
+
+def test_blame_goes_where_the_bad_value_came_from(tmp_path):
+    good = write(tmp_path, "steps: 5\noptim:\n  lr: 0.1\n", "good.yaml")
+    bad = write(tmp_path, "steps: -5\nmodel:\n  d_model: 33\n", "bad.yaml")
+    # the override's value is wrong: the override, not the file, even for a section's validate()
+    assert (
+        error(load_config, Recipe, good, ["model.d_model=33"])
+        == "override model.d_model=33: model: d_model must be even, got 33"
+    )
+    assert error(load_config, Recipe, good, ["steps=-1"]) == "override steps=-1: steps must be >= 0, got -1"
+    assert (
+        error(load_config, Recipe, good, ["steps=1", "optim.lr=x"]) == "override optim.lr=x: expected a float, got 'x'"
+    )
+    # the file's value is wrong, whatever else the command line sets (also inside the same section)
+    assert (
+        error(load_config, Recipe, bad, ["steps=3", "model.n_layer=1"]) == f"{bad}: model: d_model must be even, got 33"
+    )
+    assert error(load_config, Recipe, bad, ["model.d_model=32"]) == f"{bad}: steps must be >= 0, got -5"
+    # ...and when an override mends one bad value of the file, the file's other bad value is still the file's
+    mended = write(tmp_path, "steps: -5\noptim:\n  lr: fast\n", "mended.yaml")
+    assert error(load_config, Recipe, mended, ["optim.lr=0.1"]) == f"{mended}: steps must be >= 0, got -5"
+    # an override that fixes the file's value is not blamed either
+    assert load_config(Recipe, bad, ["model.d_model=32", "steps=1"]).model.d_model == 32
+
+
+def test_a_cross_field_validate_blames_the_override_that_broke_it(tmp_path):
+    from lmforge.train.pretrain import PretrainConfig
+
+    recipe = write(tmp_path, "train:\n  lr: 1.0e-3\n  min_lr: 1.0e-4\n")
+    message = error(load_config, PretrainConfig, recipe, ["train.steps=10", "train.lr=1e-5"])
+    assert message == "override train.lr=1e-5: train: min_lr (0.0001) must not exceed lr (1e-05)"
+    message = error(load_config, PretrainConfig, None, ["train.lr=1e-5", "train.steps=3", "train.min_lr=1e-4"])
+    assert message == "overrides train.lr=1e-5, train.min_lr=1e-4: train: min_lr (0.0001) must not exceed lr (1e-05)"
+    broken = write(tmp_path, "train:\n  lr: 1.0e-5\n  min_lr: 1.0e-4\n", "broken.yaml")
+    assert error(load_config, PretrainConfig, broken, ["train.steps=10"]).startswith(f"{broken}: train: min_lr")
+
+
+def test_the_cli_blames_the_override_or_the_file(tmp_path, capsys):
+    from lmforge import cli
+
+    ok = write(tmp_path, "d_model: 32\nn_head: 4\n", "ok.yaml")
+    bad = write(tmp_path, "d_model: 30\nn_head: 4\n", "bad.yaml")
+    for argv, start in [
+        (["--config", str(ok), "d_model=30"], "override d_model=30: d_model (30) must be divisible by n_head (4)"),
+        (["--config", str(ok), "n_layer=abc"], "override n_layer=abc: expected an int, got 'abc'"),
+        (["--config", str(bad), "n_layer=2"], f"{bad}: d_model (30) must be divisible by n_head (4)"),
+    ]:
+        assert cli.main(["model-info", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"lmforge: error: {start}"), err
 
 
 def test_missing_required_key():
@@ -264,9 +314,14 @@ def test_top_level_must_be_a_mapping(tmp_path):
 
 
 def test_validate_hook_nested_and_top(tmp_path):
-    assert error(load_config, Recipe, None, ["model.d_model=33"]) == "model: d_model must be even, got 33"
-    assert error(load_config, Recipe, None, ["init_from.d_model=3"]).startswith("init_from: d_model must be even")
-    assert error(load_config, Recipe, None, ["steps=-1"]) == "steps must be >= 0, got -1"
+    assert (
+        error(load_config, Recipe, None, ["model.d_model=33"])
+        == "override model.d_model=33: model: d_model must be even, got 33"
+    )
+    assert error(load_config, Recipe, None, ["init_from.d_model=3"]).startswith(
+        "override init_from.d_model=3: init_from: d_model must be even"
+    )
+    assert error(load_config, Recipe, None, ["steps=-1"]) == "override steps=-1: steps must be >= 0, got -1"
     path = write(tmp_path, "model: {d_model: 33}\n")
     assert error(load_config, Recipe, path) == f"{path}: model: d_model must be even, got 33"
 

@@ -215,7 +215,9 @@ def test_cli_prepare_with_flags_config_and_overrides(corpus, tmp_path, capsys):
     assert json.loads((out / "meta.json").read_text())["tokenizer"]["kind"] == "char"
     capsys.readouterr()
     assert cli.main(["prepare", "--source", f"text:{corpus}", "--out", str(out), "vocab_size=3"]) == 2
-    assert capsys.readouterr().err.startswith("lmforge: error: vocab_size must be in [263, 2**32]")
+    assert capsys.readouterr().err.startswith(
+        "lmforge: error: override vocab_size=3: vocab_size must be in [263, 2**32]"
+    )
 
 
 def test_cli_tokenizer_train(corpus, tmp_path, capsys):
