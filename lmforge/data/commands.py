@@ -72,6 +72,9 @@ def _tokenizer_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--char", action="store_true", help="a char tokenizer instead of BPE")
     train.add_argument("--val-fraction", type=float, default=0.05, metavar="F", help="held out (0.05)")
     train.add_argument("--seed", type=int, default=0, help="picks the held-out groups (0)")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace the tokenizer files of a --out that already holds files"
+    )
 
 
 @command("tokenizer", help="train a tokenizer (`lmforge tokenizer train`)", arguments=_tokenizer_arguments)
@@ -87,4 +90,5 @@ def tokenizer(args: argparse.Namespace) -> None:
             split_digits=args.split_digits,
             val_fraction=args.val_fraction,
             seed=args.seed,
+            overwrite=args.overwrite,
         )

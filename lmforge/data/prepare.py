@@ -123,10 +123,6 @@ def run(cfg: PrepareConfig, *, progress: bool | None = None) -> Path:
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
         raise FileExistsError(f"{out} already holds files; pass --overwrite (overwrite=true) or another out")
     start = time.perf_counter()
-    # meta.json is written last and marks a complete folder: drop the old one first, so a run that dies
-    # half-way through an overwrite leaves a folder that TokenData refuses instead of mismatched files.
-    (out / "meta.json").unlink(missing_ok=True)
-
     stats = SourceStats()
     docs = list(iter_documents(cfg.source, stats))
     val_groups = split_by_group(docs, cfg.val_fraction, cfg.seed)
@@ -149,6 +145,10 @@ def run(cfg: PrepareConfig, *, progress: bool | None = None) -> Path:
     from lmforge.data.loader import unigram_bpb_of_counts
 
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    # meta.json is written last and marks a complete folder: drop the old one before the first file is replaced
+    # (not sooner: a source or tokenizer that fails leaves the previous data whole), so a run that dies half-way
+    # through an overwrite leaves a folder that TokenData refuses instead of mismatched files.
+    (out / "meta.json").unlink(missing_ok=True)
     counts, histograms = {}, {}
     for name, split in splits.items():
         histograms[name] = _write_tokens(out / f"{name}.bin", split, tok, dtype, desc=name, progress=progress)
@@ -196,11 +196,14 @@ def train_tokenizer(
     split_digits: bool = False,
     val_fraction: float = 0.05,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> Path:
     """Train a tokenizer on the train split of `source` and save it to `out` (a folder or a .json path).
 
     The split is the one `prepare` makes with the same val_fraction and seed, so a tokenizer made here and
-    passed to `lmforge prepare --tokenizer` has not seen the validation text either.
+    passed to `lmforge prepare --tokenizer` has not seen the validation text either. A folder that holds
+    anything (or a .json path, or the tokenizer_config.json beside it, that exists) is refused unless
+    `overwrite`; even then only the tokenizer's two files are replaced, each atomically.
     """
     cfg = PrepareConfig(
         source=source,
@@ -214,6 +217,7 @@ def train_tokenizer(
         cfg.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _check_tokenizer_out(Path(out), overwrite)
     start = time.perf_counter()
     docs = list(iter_documents(source))
     val_groups = split_by_group(docs, val_fraction, seed)
@@ -225,6 +229,21 @@ def train_tokenizer(
     print(f"{tok!r} trained on {len(train_docs)} documents ({mb:.1f} MB) in {seconds:.1f} s")
     print(f"saved {path}")
     return path
+
+
+def _check_tokenizer_out(out: Path, overwrite: bool) -> None:
+    """Refuse to replace what a user has (see train_tokenizer) before any work is done."""
+    from lmforge.tokenizer import CONFIG_FILE
+
+    if out.suffix == ".json":
+        taken = [p for p in (out, out.parent / CONFIG_FILE) if p.exists()]
+        if taken and not overwrite:
+            raise FileExistsError(f"{taken[0]} exists; pass --overwrite to replace it, or choose another --out")
+        return
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder; choose another --out (a folder or a .json path)")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already holds files; pass --overwrite to replace its tokenizer, or another --out")
 
 
 def source_hash(docs: Iterable[Document]) -> str:

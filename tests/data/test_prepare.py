@@ -246,3 +246,82 @@ def test_prepare_a_single_text_file(tmp_path, capsys):
     train_lines = {line for chunk in train for line in chunk.splitlines()}
     val_lines = {line for chunk in val for line in chunk.splitlines()}
     assert not train_lines & val_lines and len(train_lines | val_lines) == 300  # no line on both sides
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("target", ["folder", "json", "json beside a config"])
+def test_tokenizer_train_refuses_an_out_that_holds_files(corpus, tmp_path, capsys, target):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("my own notes")
+    if target == "folder":
+        out = folder
+    elif target == "json":
+        out = folder / "notes.txt.json"
+        out.write_text("{}")
+    else:
+        out = folder / "new.json"
+        (folder / "tokenizer_config.json").write_text("{}")
+    before = snapshot(folder)
+    argv = ["tokenizer", "train", "--source", f"text:{corpus}", "--char", "--out", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(folder) in err and "--overwrite" in err, err
+    assert snapshot(folder) == before  # nothing in it was touched
+
+
+def test_tokenizer_train_overwrite_replaces_only_its_own_files_atomically(corpus, tmp_path, capsys, monkeypatch):
+    import lmforge.runs
+
+    out = tmp_path / "tok"
+    out.mkdir()
+    (out / "notes.txt").write_text("my own notes")
+    (out / "tokenizer.json").write_text("old")
+    notes = snapshot(out)["notes.txt"]
+    written = []
+    monkeypatch.setattr(lmforge.runs, "count_write", lambda path: written.append(Path(path).name))
+    argv = ["tokenizer", "train", "--source", f"text:{corpus}", "--char", "--out", str(out), "--overwrite"]
+    assert cli.main(argv) == 0
+    assert sorted(written) == ["tokenizer.json", "tokenizer_config.json"]  # through the atomic writers
+    assert snapshot(out)["notes.txt"] == notes and Tokenizer.load(out).kind == "char"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_prepare_writes_every_file_atomically_and_a_failed_overwrite_keeps_the_data(corpus, tmp_path, monkeypatch):
+    import lmforge.runs
+
+    out = tmp_path / "data"
+    written = []
+    monkeypatch.setattr(lmforge.runs, "count_write", lambda path: written.append(Path(path).name))
+    cfg = PrepareConfig(source=f"text:{corpus}", out=str(out), tokenizer_kind="char", val_fraction=0.2)
+    run(cfg, progress=False)
+    assert sorted(written) == sorted(p.name for p in out.iterdir())  # every file it wrote went through them
+    assert written[-1] == "meta.json"  # last: it marks a complete folder
+    before = snapshot(out)
+    # An overwrite whose source cannot be read must not destroy what is there.
+    (tmp_path / "empty").mkdir()
+    for source in (f"text:{tmp_path / 'nope'}", f"text:{tmp_path / 'empty'}"):
+        with pytest.raises((FileNotFoundError, SourceError)):
+            run(PrepareConfig(source=source, out=str(out), overwrite=True), progress=False)
+        assert snapshot(out) == before
+    assert len(TokenData(out).train) > 0
+
+
+@pytest.mark.parametrize("fault_at", [2, 6])
+def test_prepare_killed_mid_overwrite_leaves_a_folder_refused_in_one_line(corpus, tmp_path, fault_at):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "data"
+    run(PrepareConfig(source=f"text:{corpus}", out=str(out), tokenizer_kind="char", val_fraction=0.2), progress=False)
+    argv = ["prepare", "--source", f"text:{corpus}", "--out", str(out), "--char", "--overwrite", "--seed", "3"]
+    env = {**os.environ, "LMFORGE_FAULT_AT_WRITE": str(fault_at)}
+    done = subprocess.run([sys.executable, "-m", "lmforge", *argv], env=env, capture_output=True, timeout=120)
+    assert done.returncode == -9, done.stderr  # SIGKILL before its k-th write
+    with pytest.raises(FileNotFoundError) as info:
+        TokenData(out)
+    assert "\n" not in str(info.value) and "lmforge prepare" in str(info.value)
