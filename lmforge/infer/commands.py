@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,14 +16,26 @@ KV_CHOICES = ["contiguous", "int8", "paged", "paged-int8", "sliding"]
 QUANT_CHOICES = ["int8", "w8a8", "int4", "bf16"]
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape_stop(text: str) -> str:
+    r"""A stop string as typed in a shell, made into the text it means: `--stop "\n\n"` (the README's blank line)
+    reaches Python as backslash-n twice, because shells keep backslashes in quotes. \n, \t and \r become newline,
+    tab and carriage return, \\ one backslash (so `\\n` stops at a backslash and an n); any other backslash stays
+    as typed. `add_sampling_arguments` applies it to --stop; Python callers pass real characters."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
 SAMPLING_DEFAULTS = dict(max_new_tokens=200, temperature=0.8, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                          seed=0)  # fmt: skip
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, **defaults) -> None:
     """The sampling options of every command that generates (`generate`, `sample`): --max-new-tokens,
-    --temperature, --top-k, --top-p, --min-p, --repetition-penalty, --seed, --stop. `defaults` overrides
-    SAMPLING_DEFAULTS by field name (`sample` keeps top_k=50). Read them back with `sampling_params_from_args`."""
+    --temperature, --top-k, --top-p, --min-p, --repetition-penalty, --seed, --stop (read through `unescape_stop`).
+    `defaults` overrides SAMPLING_DEFAULTS by field name (`sample` keeps top_k=50). Read them back with
+    `sampling_params_from_args`."""
     d = {**SAMPLING_DEFAULTS, **defaults}
     p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"])
     p.add_argument("--temperature", type=float, default=d["temperature"], help="0 = greedy")
@@ -31,7 +44,13 @@ def add_sampling_arguments(p: argparse.ArgumentParser, **defaults) -> None:
     p.add_argument("--min-p", type=float, default=d["min_p"], help="keep tokens with p ≥ min_p · p_max; 0 = off")
     p.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"])
     p.add_argument("--seed", type=int, default=d["seed"])
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); the text ends before it")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        type=unescape_stop,
+        help=r"stop string (repeatable), \n \t \r \\ as escapes: --stop '\n\n'; the text ends before it",
+    )
 
 
 def sampling_params_from_args(args: argparse.Namespace, **fields):

@@ -103,3 +103,20 @@ def test_a_prompt_past_the_rope_context_is_one_line(rope_loads, capsys):
     assert err.startswith("lmforge: error: prompt (60 tokens) + max_new_tokens (5) = 65, past the model's context")
     status, out, err = run(["--ckpt", "runs/tiny", "--prompt", "ab" * 30, "--max-new-tokens", "4"], capsys)
     assert status == 0, err
+
+
+def test_unescape_stop_reads_what_a_shell_passes():
+    from lmforge.infer.commands import unescape_stop
+
+    assert unescape_stop(r"\n\n") == "\n\n" and unescape_stop(r"a\tb\r\n") == "a\tb\r\n"
+    assert unescape_stop(r"\\n") == "\\n" and unescape_stop(r"\d+") == r"\d+" and unescape_stop("plain") == "plain"
+
+
+def test_a_stop_typed_as_backslash_n_stops_at_a_blank_line(loads, monkeypatch, capsys):
+    from lmforge.infer import generate as generate_module
+
+    tok = Tokenizer.train_char(["ab\ncd "])
+    monkeypatch.setattr(generate_module, "generate_stream", lambda *a, **k: iter(tok.encode("ab\ncd\n\ncd cd")))
+    stop = r"\n\n"  # the 4 characters a shell passes for --stop "\n\n"
+    status, out, err = run(["--ckpt", "runs/tiny", "--prompt", "c", "--max-new-tokens", "20", "--stop", stop], capsys)
+    assert status == 0 and out == "cab\ncd\n", (out, err)
