@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from lmforge.config import UserError
+
 from .config import ModelConfig
 from .transformer import Transformer
 
@@ -269,26 +271,39 @@ def state_dict_to_hf(model: Transformer, family: str) -> dict[str, torch.Tensor]
 # ---- import --------------------------------------------------------------------------------------------
 def read_hf_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """config.json as a dict and every tensor of model.safetensors or of the shards its index lists."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: not a Hugging Face model folder")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_path} is not valid JSON ({e}); export or download the folder again") from None
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
-        return config, load_file(single)
+        return config, _load_safetensors(single)
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         weights: dict[str, torch.Tensor] = {}
         for shard in shards:
-            weights.update(load_file(folder / shard))
+            weights.update(_load_safetensors(folder / shard))
         return config, weights
     raise FileNotFoundError(
         f"no model.safetensors or model.safetensors.index.json in {folder} (pickled .bin checkpoints are not "
         "loaded: convert them to safetensors first)"
     )
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the folder's safetensors index names it; copy it there")
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise UserError(f"{path} is truncated or not a safetensors file ({e}); export or download it again") from None
 
 
 def from_hf(model_or_folder, dtype: torch.dtype | None = None) -> Transformer:

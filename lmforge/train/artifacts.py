@@ -17,7 +17,7 @@ from lmforge.config import ConfigError
 from lmforge.model import Transformer
 from lmforge.runs import RunDir
 
-from .checkpoint import STEP_DIR, latest_checkpoint, load_weights
+from .checkpoint import STEP_DIR, checkpoint_dirs, latest_checkpoint, load_weights
 from .pretrain import PretrainConfig, evaluate_lm
 
 
@@ -46,8 +46,12 @@ def load_run_model(
     model = build(config.model)
     if ckpt is None:
         ckpt = run_dir.checkpoints / f"step_{step:06d}" if step is not None else latest_checkpoint(run_dir.checkpoints)
-    if ckpt is None or not ckpt.is_dir():
-        raise FileNotFoundError(f"no checkpoint in {run_dir.checkpoints}: train first, or pick another --step")
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir.checkpoints}: train the run first, or give another run "
+                                "or one checkpoint folder (runs/NAME/checkpoints/step_NNNNNN)")  # fmt: skip
+    if not ckpt.is_dir():
+        have = ", ".join(p.name for p in checkpoint_dirs(run_dir.checkpoints)) or "none"
+        raise FileNotFoundError(f"{ckpt} is not a checkpoint of {run_dir.path} (it has: {have})")
     try:
         load_weights(ckpt, model)
     except RuntimeError as e:  # the run holds another kind of model: say which, in one line

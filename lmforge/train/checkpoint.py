@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file, save_model
 
 from lmforge.config import UserError
@@ -125,7 +126,11 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> None:
     if not weights.is_file():
         raise UserError(f"no {WEIGHTS} in {path}: lmforge loads weights from safetensors only (never from a "
                         "pickle such as DCP's .metadata); point at a checkpoint or run that has one")  # fmt: skip
-    load_model(_unwrap(model), str(weights), strict=True)
+    try:
+        load_model(_unwrap(model), str(weights), strict=True)
+    except SafetensorError as e:
+        raise UserError(f"{weights} is truncated or not a safetensors file ({e}); use an earlier checkpoint "
+                        "of the run") from None  # fmt: skip
 
 
 def _save_sharded(folder: Path, model, state: dict[str, Any]) -> None:

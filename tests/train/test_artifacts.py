@@ -94,3 +94,42 @@ def test_export_killed_mid_write_leaves_the_previous_export(run, tmp_path):
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "notes.txt"} == before
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_model_safetensors_is_one_line(tmp_path, capsys, damage):
+    run = tiny_run(tmp_path / "run", steps=(1,))
+    weights = run / "checkpoints" / "step_000001" / "model.safetensors"
+    if damage == "truncated":
+        truncate(weights)
+    else:
+        weights.write_bytes(b"not safetensors at all")
+    for argv in (["sample", str(weights.parent)], ["eval", str(weights.parent)]):
+        assert main(argv) == 2
+        err = one_line_error(capsys)
+        assert str(weights) in err and "earlier checkpoint" in err
+
+
+def test_a_damaged_hf_folder_is_one_line(run, tmp_path, capsys):
+    hf = tmp_path / "hf"
+    assert main(["export", str(run), "--out", str(hf)]) == 0
+    capsys.readouterr()  # transformers' progress bar
+    truncate(hf / "model.safetensors")
+    assert main(["generate", "--ckpt", str(hf), "--max-new-tokens", "1"]) == 2
+    err = one_line_error(capsys)
+    assert str(hf / "model.safetensors") in err and "truncated" in err
+    (hf / "model.safetensors").unlink()
+    assert main(["sample", str(hf), "--max-new-tokens", "1"]) == 2
+    assert "no model.safetensors" in one_line_error(capsys)
+
+
+def test_a_run_without_checkpoints_names_what_to_give(tmp_path, capsys):
+    run = tiny_run(tmp_path / "run", steps=())
+    for argv in (["sample", str(run)], ["eval", str(run)], ["export", str(run), "--out", str(tmp_path / "o")]):
+        assert main(argv) == 2
+        err = one_line_error(capsys)
+        assert "no checkpoint in" in err and "--step" not in err and "checkpoints/step_" in err
