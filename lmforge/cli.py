@@ -98,7 +98,8 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     given now are applied to it (lmforge.runs.resume_config): a resumed run trains the model it started with.
     """
     cfg = load_config(cls, args.config, args.overrides)
-    if getattr(args, "resume", False) or getattr(cfg, "resume", False):
+    writes_a_run = hasattr(cfg, "runs_dir") and hasattr(cfg, "name")  # (prefs' resume continues a file instead)
+    if writes_a_run and (getattr(args, "resume", False) or getattr(cfg, "resume", False)):
         from lmforge.runs import resume_config
 
         cfg = resume_config(cls, cfg, args.overrides)

@@ -263,6 +263,7 @@ class RunDir:
         # JSON has no NaN or inf: a non-finite value is written as null (the trainer adds "skipped": true to
         # the record of a step it skipped), so every line stays readable by any JSON parser.
         line = json.dumps({k: _finite_or_none(v) for k, v in record.items()}, default=_jsonable, allow_nan=False)
+        count_write(self.metrics_path)
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()

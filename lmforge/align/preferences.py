@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import IO
 
 from lmforge.config import ConfigError
-from lmforge.runs import atomic_write_text
+from lmforge.runs import atomic_write_text, count_write
 
 from .raters import DEFAULT_PRINCIPLES, LABELS, Action, Pair, ProgramRater, load_principles, make_rater
 from .raters import parse_rater_spec as _parse_rater_spec
@@ -313,6 +313,7 @@ def append_record(path: str | Path, record: PairRecord) -> None:
     """Add one line and make it durable before the next pair is shown."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    count_write(path)
     with path.open("a", encoding="utf-8") as f:
         f.write(record.to_json() + "\n")
         f.flush()
