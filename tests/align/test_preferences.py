@@ -252,7 +252,7 @@ def test_cli_collect_with_the_program_rater_and_a_bad_rater(tiny_run, capsys):
     assert "3 of 3 prompts rated" in capsys.readouterr().out and len(read_records(out)) == 3
     assert main([*argv[:-3], "rater=robot"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("lmforge: error: rater 'robot' is not one of")
+    assert err.count("\n") == 1 and err.startswith("lmforge: error: override rater=robot: rater 'robot' is not one of")
     assert main(["prefs", "collect", f"policy={root / 'nope'}", f"out={root / 'x.jsonl'}", "rater=program"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 
