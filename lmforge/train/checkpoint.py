@@ -8,6 +8,12 @@ which reshards on load, so a run saved on 2 ranks resumes on 1; rank 0 also writ
 model.safetensors. Weights are only ever loaded from model.safetensors: DCP (whose .metadata is a pickle) is
 read only to resume a run's own optimizer state.
 
+info.json records the size and sha256 of every file of its checkpoint, and loading verifies them.
+`latest_checkpoint` returns the newest checkpoint that verifies: a damaged newer one (a bad disk, a copy cut
+short) is skipped with one line on stderr, so inference and --resume go on from the one before. Checkpoints
+saved before checksums were recorded still load, with one line on stderr saying they are unverified, except
+for a sharded one's DCP state, which is never read unverified.
+
     save_checkpoint(run.checkpoints, step, model, state={"optimizer": opt.state_dict(), ...})
     path = latest_checkpoint(run.checkpoints)          # None when there is none
     state = load_checkpoint(path, model)               # loads weights into model, returns the rest
@@ -15,11 +21,13 @@ read only to resume a run's own optimizer state.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +71,100 @@ def checkpoint_dirs(root: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest intact checkpoint under root (None when there is none at all). A newer one that fails
+    `verify_checkpoint` is skipped with one line on stderr saying why and which is used instead; when none is
+    intact, a UserError lists why each was refused."""
     dirs = checkpoint_dirs(root)
-    return dirs[-1] if dirs else None
+    skipped = []
+    for path in reversed(dirs):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            if skipped:
+                _say(f"lmforge: skipped checkpoint {'; '.join(skipped)}; using {path}")
+            return path
+        skipped.append(f"{path.name} ({problem})")
+    if skipped:
+        raise UserError(f"no intact checkpoint in {root}: {'; '.join(skipped)}; start the run again, or restore a "
+                        "checkpoint from a copy")  # fmt: skip
+    return None
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None if the checkpoint folder is intact, else what is wrong with it, in a few words. Intact: info.json
+    reads, and every file it records is there with its recorded size and sha256. A checkpoint saved before
+    lmforge recorded checksums (no "files" in info.json) only needs its weights and trainer state present."""
+    path = Path(path)
+    try:
+        info = json.loads((path / INFO).read_text())
+        int(info["step"])
+    except FileNotFoundError:
+        return f"no {INFO}"
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"{INFO} is damaged"
+    files = info.get("files")
+    if files is None:  # saved before checksums were recorded
+        missing = [name for name in (WEIGHTS, STATE) if not (path / name).is_file()]
+        return f"no {missing[0]} in it" if missing else None
+    if not isinstance(files, dict):
+        return f"{INFO} is damaged"
+    for name, record in files.items():
+        if not (path / name).is_file():
+            return f"no {name} in it"
+        problem = _check_file(path / name, record)
+        if problem:
+            return f"{name} {problem}"
+    return None
+
+
+def _check_file(file: Path, record: Any) -> str | None:
+    if not isinstance(record, dict) or not isinstance(record.get("size"), int):
+        return f"has a damaged record in {INFO}"
+    size = file.stat().st_size
+    if size != record["size"]:
+        return f"is damaged ({size} bytes, {record['size']} recorded)"
+    if _sha256(file) != record.get("sha256"):
+        return "is damaged (its sha256 differs from the one recorded)"
+    return None
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file under folder (DCP's shards and metadata included), by relative path."""
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name != INFO)
+    return {f.relative_to(folder).as_posix(): {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}
+
+
+def _require_intact(path: Path) -> dict[str, Any]:
+    """info.json of a checkpoint a caller chose, after verifying it (one line on stderr if it has no checksums)."""
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise UserError(f"checkpoint {path} is damaged: {problem}; use an earlier checkpoint of the run")
+    info = json.loads((path / INFO).read_text())
+    if "files" not in info:
+        _note_unverified(path)
+    return info
+
+
+_UNVERIFIED: set[str] = set()
+
+
+def _note_unverified(path: Path) -> None:
+    """One line, once per checkpoint and process: an older lmforge saved it without checksums."""
+    if str(path) not in _UNVERIFIED:
+        _UNVERIFIED.add(str(path))
+        _say(f"lmforge: checkpoint {path} has no checksums (saved by an older lmforge): loading it unverified")
+
+
+def _say(line: str) -> None:
+    if not _distributed() or torch.distributed.get_rank() == 0:
+        print(line, file=sys.stderr, flush=True)
 
 
 def save_checkpoint(
@@ -95,8 +195,9 @@ def save_checkpoint(
         save_model(_unwrap(model), str(tmp / WEIGHTS))  # handles the tied embedding/head pair
         count_write(tmp / STATE)
         torch.save(state, tmp / STATE)
+    record = {"step": step, "sharded": sharded, **(info or {}), "files": _file_records(tmp)}
     count_write(tmp / INFO)
-    (tmp / INFO).write_text(json.dumps({"step": step, "sharded": sharded, **(info or {})}, indent=1))
+    (tmp / INFO).write_text(json.dumps(record, indent=1))
     _fsync_files(tmp)
     if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
         shutil.rmtree(final)
@@ -108,12 +209,18 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Load weights into `model` and return the trainer state saved beside them."""
+    """Load weights into `model` and return the trainer state saved beside them: for resuming a run from its
+    own checkpoint, verified against the checksums its info.json records. The trainer state is read with
+    `torch.load(weights_only=True)`; a sharded checkpoint's DCP state (whose .metadata is a pickle) is read
+    only when its checksums were recorded."""
     path = Path(path)
-    info = json.loads((path / INFO).read_text())
+    info = _require_intact(path)
     if info.get("sharded"):
+        if "files" not in info:
+            raise UserError(f"{path} is a sharded checkpoint saved before lmforge recorded checksums: its DCP "
+                            "state is a pickle and is not read unverified; start the run again")  # fmt: skip
         return _load_sharded(path, model)
-    load_model(_unwrap(model), str(path / WEIGHTS), strict=True)
+    _load_weights_file(path, model)  # verified above
     return torch.load(path / STATE, weights_only=True)
 
 
@@ -126,11 +233,29 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> None:
     if not weights.is_file():
         raise UserError(f"no {WEIGHTS} in {path}: lmforge loads weights from safetensors only (never from a "
                         "pickle such as DCP's .metadata); point at a checkpoint or run that has one")  # fmt: skip
+    records = _recorded(path)
+    if WEIGHTS in records and (problem := _check_file(weights, records[WEIGHTS])):
+        raise UserError(f"{weights} {problem}; use an earlier checkpoint of the run")
+    if not records:
+        _note_unverified(path)
+    _load_weights_file(path, model)
+
+
+def _load_weights_file(path: Path, model: torch.nn.Module) -> None:
+    weights = path / WEIGHTS
     try:
         load_model(_unwrap(model), str(weights), strict=True)
     except SafetensorError as e:
         raise UserError(f"{weights} is truncated or not a safetensors file ({e}); use an earlier checkpoint "
                         "of the run") from None  # fmt: skip
+
+
+def _recorded(path: Path) -> dict[str, Any]:
+    try:
+        files = json.loads((path / INFO).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return files if isinstance(files, dict) else {}
 
 
 def _save_sharded(folder: Path, model, state: dict[str, Any]) -> None:
@@ -177,7 +302,7 @@ def _load_sharded(path: Path, model) -> dict[str, Any]:
     state = torch.load(path / STATE, weights_only=True)
     state["sharded_path"] = str(path / SHARDED)
     if not _distributed():
-        load_weights(path, model)
+        _load_weights_file(path, model)  # verified by load_checkpoint
     return state
 
 
