@@ -194,13 +194,25 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     if path.is_dir():
         raise ConfigError(f"config path is a folder, not a YAML file: {path}")
+    raw = path.read_bytes()
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text ({e.reason}); save the recipe as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(e, "problem", None) or str(e)
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply to read") from None
+    except ValueError as e:
+        # PyYAML builds some scalars with Python and lets their errors through: a date like 2024-13-01, an
+        # integer of more than 4300 digits.
+        raise ConfigError(f"{path}: invalid YAML value: {_value_problem(e)}") from None
     if data is None:  # an empty file means "all defaults"
         return {}
     if not isinstance(data, dict):
@@ -218,8 +230,10 @@ def _apply_override(data: dict[str, Any], cls: type, text: str) -> str:
     _check_key_path(cls, parts, text)
     try:
         value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw  # not valid YAML (e.g. "a: b: c"): take the text as a string
+    except (yaml.YAMLError, ValueError, RecursionError):
+        # not valid YAML ("a: b: c", a date like 2024-13-01, "[[[[..." past the recursion limit): the text as a
+        # string, which the field's type then accepts or refuses
+        value = raw
     node = data
     for part in parts[:-1]:
         if not isinstance(node.get(part), dict):
@@ -354,7 +368,10 @@ def _to_int(value: Any, key: str) -> int:
 
 def _to_float(value: Any, key: str, expected: str = "a float") -> float:
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int past 1.8e308
+            raise _Mismatch(f"{key}: expected {expected}, got an integer too large for a float", key) from None
     if isinstance(value, str):
         # PyYAML follows YAML 1.1, whose floats need a dot: `lr: 1e-3` arrives as the string "1e-3".
         try:
@@ -432,6 +449,12 @@ def _join(prefix: str, name: str) -> str:
 def _show(value: Any) -> str:
     text = "null" if value is None else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _value_problem(e: ValueError) -> str:
+    if "integer string conversion" in str(e):
+        return "an integer of more than 4300 digits (write it as 1.0e+4300, or smaller)"
+    return str(e)
 
 
 def _describe(tp: Any) -> str:

@@ -94,6 +94,9 @@ class Tokenizer:
     """A byte-level BPE or char tokenizer with lmforge's special tokens. Build with train_* or load."""
 
     def __init__(self, hf: HFTokenizer):
+        # A file made elsewhere may ask to truncate or pad every encoding; encode must stay exact.
+        hf.no_truncation()
+        hf.no_padding()
         self.hf = hf  # the one saved to tokenizer.json: special tokens in text are recognised (HF default)
         spec = json.loads(hf.to_str())
         self.kind: Kind = _kind_of(spec)
@@ -277,8 +280,11 @@ class Tokenizer:
             raise FileNotFoundError(
                 f"tokenizer not found: {path} (make one with `lmforge tokenizer train` or `lmforge prepare`)"
             )
+        data = path.read_bytes()
         try:
-            return cls(HFTokenizer.from_file(str(path)))
+            text = data.decode("utf-8")
+            _check_spec(json.loads(text))
+            return cls(HFTokenizer.from_str(text))
         except BaseException as e:
             # tokenizers raises a bare Exception on a malformed file, and a Rust panic (pyo3's PanicException,
             # a BaseException) on some well-formed JSON it cannot build; both mean the file is not a tokenizer.
@@ -331,6 +337,16 @@ def _added(tokens: Iterable[str]) -> Iterable[AddedToken]:
     # normalized=False: match the raw text; special=True: skippable in decode.
     for t in tokens:
         yield AddedToken(t, special=True, normalized=False)
+
+
+def _check_spec(spec) -> None:
+    """What tokenizers' loader panics on, with its Rust backtrace on stderr, instead of reporting it."""
+    model = spec.get("model") if isinstance(spec, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if isinstance(vocab, dict):
+        ids = [i for i in vocab.values() if isinstance(i, int) and not isinstance(i, bool)]
+        if len(set(ids)) != len(ids):
+            raise ValueError("two tokens of model.vocab share an id")
 
 
 def _kind_of(spec: dict) -> Kind:

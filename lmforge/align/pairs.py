@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from lmforge.config import UserError
+
 
 def load_pairs(path: str | Path) -> list[dict]:
     """Training pairs from a JSONL of {"prompt", "chosen", "rejected"} or of `lmforge prefs collect` records
@@ -24,7 +26,7 @@ def load_pairs(path: str | Path) -> list[dict]:
         raise FileNotFoundError(f"no preference file {path}: collect one with `lmforge prefs collect`")
     pairs = load_jsonl_preferences(path)
     if not pairs:
-        raise ValueError(f"{path} holds no labelled pairs")
+        raise UserError(f"{path} holds no labelled pairs: label some with `lmforge prefs collect` (a or b)")
     return pairs
 
 

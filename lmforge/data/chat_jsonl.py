@@ -3,13 +3,17 @@
     {"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]}
     {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}
 
-Every bad line fails with one line naming the file and the line number. Standard library only.
+Every bad line fails with a UserError (lmforge.config), one line naming the file and the line number.
+Standard library and lmforge.config only.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
+
+from lmforge.config import UserError
 
 __all__ = ["ROLES", "jsonl_objects", "load_jsonl_messages", "load_jsonl_preferences"]
 
@@ -17,21 +21,31 @@ ROLES = ("system", "user", "assistant")  # lmforge.tokenizer's chat roles (not i
 
 
 def jsonl_objects(path: str | Path):
-    """(line number, object) for each non-blank line; ValueError naming the line otherwise."""
+    """(line number, object) for each non-blank line; UserError naming the line otherwise."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
-            yield number, obj
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        number = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{number}: not UTF-8 text ({e.reason}); save the file as UTF-8") from None
+    # newline=None splits lines as a text-mode file does (\n, \r\n, \r), not at U+2028 inside a JSON string
+    for number, line in enumerate(io.StringIO(text, newline=None), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise UserError(f"{path}:{number}: not usable JSON (nested too deeply)") from None
+        except ValueError as e:  # an integer of more than 4300 digits
+            raise UserError(f"{path}:{number}: not usable JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+        yield number, obj
 
 
 def load_jsonl_messages(path: str | Path) -> list[list[dict]]:
@@ -42,18 +56,18 @@ def load_jsonl_messages(path: str | Path) -> list[list[dict]]:
         where = f"{path}:{number}"
         messages = obj.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise ValueError(f'{where}: expected "messages": a non-empty list of {{"role", "content"}} objects')
+            raise UserError(f'{where}: expected "messages": a non-empty list of {{"role", "content"}} objects')
         clean = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f'{where}: message {i} needs "role" and "content"')
+                raise UserError(f'{where}: message {i} needs "role" and "content"')
             if m["role"] not in ROLES:
-                raise ValueError(f"{where}: message {i} has role {m['role']!r}; roles: {', '.join(ROLES)}")
+                raise UserError(f"{where}: message {i} has role {m['role']!r}; roles: {', '.join(ROLES)}")
             if not isinstance(m["content"], str):
-                raise ValueError(f"{where}: message {i} content must be a string, got {type(m['content']).__name__}")
+                raise UserError(f"{where}: message {i} content must be a string, got {type(m['content']).__name__}")
             clean.append({"role": m["role"], "content": m["content"]})
         if not any(m["role"] == "assistant" for m in clean):
-            raise ValueError(f"{where}: no assistant message, so nothing to learn")
+            raise UserError(f"{where}: no assistant message, so nothing to learn")
         conversations.append(clean)
     return conversations
 
@@ -69,9 +83,9 @@ def load_jsonl_preferences(path: str | Path) -> list[dict]:
         pair = {}
         for key in ("prompt", "chosen", "rejected"):
             if key not in obj:
-                raise ValueError(f'{path}:{number}: missing "{key}" (need "prompt", "chosen", "rejected")')
+                raise UserError(f'{path}:{number}: missing "{key}" (need "prompt", "chosen", "rejected")')
             if not isinstance(obj[key], str):
-                raise ValueError(f'{path}:{number}: "{key}" must be a string, got {type(obj[key]).__name__}')
+                raise UserError(f'{path}:{number}: "{key}" must be a string, got {type(obj[key]).__name__}')
             pair[key] = obj[key]
         pairs.append(pair)
     return pairs

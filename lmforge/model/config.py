@@ -72,7 +72,7 @@ class ModelConfig:
         if self.d_ff is None:
             if self.ffn == "swiglu":
                 # SwiGLU has three matrices: 2/3 of 4·d keeps the parameter count of a 4·d MLP (Shazeer 2020)
-                self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
+                self.d_ff = 64 * -(-8 * self.d_model // (3 * 64))  # ceil in integers: d_model may be huge
             else:
                 self.d_ff = 4 * self.d_model
         self.validate()
@@ -256,5 +256,5 @@ def _nearest_divisor(n: int, near: int) -> int:
 
 
 def _nearest_multiple(n: int, of: int) -> int:
-    """The multiple of `of` closest to `n`, at least `of`."""
-    return max(of, of * round(n / of))
+    """The multiple of `of` closest to `n`, at least `of` (in integers: no float overflow for a huge n)."""
+    return max(of, of * ((n + of // 2) // of))
