@@ -286,6 +286,8 @@ def read_hf_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         weights: dict[str, torch.Tensor] = {}
         for shard in shards:
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in (".", ".."):
+                raise UserError(f"{index} names the shard {shard!r}: shards must be files inside {folder}")
             weights.update(_load_safetensors(folder / shard))
         return config, weights
     raise FileNotFoundError(

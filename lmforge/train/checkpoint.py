@@ -221,7 +221,9 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
                             "state is a pickle and is not read unverified; start the run again")  # fmt: skip
         return _load_sharded(path, model)
     _load_weights_file(path, model)  # verified above
-    return torch.load(path / STATE, weights_only=True)
+    state = torch.load(path / STATE, weights_only=True)
+    state.pop("sharded_path", None)  # set by _load_sharded only: never a DCP path that a file names
+    return state
 
 
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
@@ -301,13 +303,21 @@ def _load_sharded(path: Path, model) -> dict[str, Any]:
     `apply_sharded` once the optimizer exists (DCP reshards to the current number of ranks)."""
     state = torch.load(path / STATE, weights_only=True)
     state["sharded_path"] = str(path / SHARDED)
+    _VERIFIED_DCP.add(state["sharded_path"])
     if not _distributed():
         _load_weights_file(path, model)  # verified by load_checkpoint
     return state
 
 
+_VERIFIED_DCP: set[str] = set()  # DCP folders of checkpoints load_checkpoint verified in this process
+
+
 def apply_sharded(path: str, model, optimizer) -> None:
-    """Load a DCP checkpoint into a (possibly sharded) model and its optimizer, on any number of ranks."""
+    """Load a DCP checkpoint into a (possibly sharded) model and its optimizer, on any number of ranks. `path`
+    must be the `sharded_path` that `load_checkpoint` returned: DCP's .metadata is a pickle, so only the DCP
+    folder of a checkpoint whose checksums were verified is read."""
+    if str(path) not in _VERIFIED_DCP:
+        raise UserError(f"{path} is not the DCP folder of a verified checkpoint: load it with load_checkpoint")
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 

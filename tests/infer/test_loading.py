@@ -123,3 +123,74 @@ def test_the_three_kinds_of_path_load_the_same_model(tmp_path):
         model, tok = load_for_inference(path)
         torch.testing.assert_close(model.state_dict(), expected.state_dict())
         assert tok.decode(tok.encode("def f")) == "def f"
+
+
+# ---- SECURITY.md is true of the code ------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _calls(name: str):
+    """(file, ast.Call) of every call to `*.name(...)` or `name(...)` in the lmforge package."""
+    import ast
+
+    for file in sorted((ROOT / "lmforge").rglob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Call):
+                func = node.func
+                called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+                if called == name:
+                    yield file.relative_to(ROOT).as_posix(), node
+
+
+def test_security_md_is_true_of_the_code():
+    import ast
+
+    import yaml
+
+    from lmforge.config import _Loader
+
+    doc = (ROOT / "SECURITY.md").read_text()
+    for claim in ("weights_only=True", "SafeLoader", "trust_remote_code", "127.0.0.1", "--host", "dcp/.metadata"):
+        assert claim in doc, claim
+    torch_loads = list(_calls("load"))
+    for file, call in torch_loads:  # torch.load only with weights_only=True, only for trainer state
+        if isinstance(call.func, ast.Attribute) and getattr(call.func.value, "id", None) == "torch":
+            assert file == "lmforge/train/checkpoint.py", file
+            assert any(k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in call.keywords)
+        if isinstance(call.func, ast.Attribute) and getattr(call.func.value, "id", None) == "yaml":
+            loader = next(k.value for k in call.keywords if k.arg == "Loader")
+            assert getattr(loader, "id", None) == "_Loader" and issubclass(_Loader, yaml.SafeLoader), file
+        if isinstance(call.func, ast.Attribute) and getattr(call.func.value, "id", None) == "dcp":
+            assert file == "lmforge/train/checkpoint.py", file  # DCP only behind the checksum check
+    source = "".join(f.read_text() for f in (ROOT / "lmforge").rglob("*.py"))
+    for never in ("import pickle", "trust_remote_code=True", "from_pretrained(", "allow_pickle", "unsafe_load"):
+        assert never not in source, never
+
+
+def test_resume_follows_no_dcp_path_that_a_checkpoint_file_names(tmp_path):
+    """trainer.pt of a (pre-checksum) checkpoint holding a `sharded_path` to a malicious DCP folder: resuming
+    must not read it; and apply_sharded reads only the DCP folder of a checkpoint load_checkpoint verified."""
+    from train_helpers import batch_fn_for, lm_loss, tiny_model
+
+    from lmforge.runs import RunDir
+    from lmforge.train.checkpoint import apply_sharded
+    from lmforge.train.loop import TrainConfig, Trainer
+
+    cfg = TrainConfig(steps=1, batch_size=2, precision="fp32", progress=False, warmup_steps=1)
+    run = RunDir.create(tmp_path, "r")
+    Trainer(tiny_model(), cfg, run, batch_fn=batch_fn_for(2), loss_fn=lm_loss).fit()
+    ckpt = run.checkpoints / "step_000001"
+    evil, marker = tmp_path / "evil" / "dcp", tmp_path / "marker"
+    evil.mkdir(parents=True)
+    (evil / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    state = torch.load(ckpt / "trainer.pt", weights_only=True)
+    torch.save({**state, "sharded_path": str(evil)}, ckpt / "trainer.pt")
+    info = json.loads((ckpt / "info.json").read_text())
+    info.pop("files", None)  # as an older lmforge saved it: loaded unverified, yet never through a pickle
+    (ckpt / "info.json").write_text(json.dumps(info))
+    resumed = Trainer(tiny_model(seed=3), cfg, RunDir(run.path), batch_fn=batch_fn_for(2), loss_fn=lm_loss,
+                      resume=True)  # fmt: skip
+    assert resumed.step == 1 and not marker.exists()
+    with pytest.raises(UserError, match="verified"):
+        apply_sharded(str(evil), resumed.model, resumed.optimizer)
+    assert not marker.exists()

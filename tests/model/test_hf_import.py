@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 from test_hf_parity import TOL, greedy, make_gpt2, make_llama, make_mistral, parity_error, tokens
 
+from lmforge.config import UserError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.model.hf import HF_DEFAULTS, config_from_hf, from_hf, load_hf_tokenizer, save_hf, to_hf
 
@@ -59,6 +60,19 @@ def test_from_sharded_folder(family, tmp_path):
     idx = tokens(24)
     assert parity_error(ours, hf, idx) <= TOL
     assert torch.equal(greedy(ours, idx), greedy(hf, idx))
+
+
+def test_shards_outside_the_folder_are_refused(tmp_path):
+    hf = make_llama()
+    hf.save_pretrained(tmp_path / "m", max_shard_size="100KB")
+    index = tmp_path / "m" / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    name = next(iter(data["weight_map"].values()))
+    (tmp_path / "m" / name).rename(tmp_path / name)  # one shard moved out of the folder, named by a relative path
+    data["weight_map"] = {k: f"../{v}" if v == name else v for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="inside"):
+        from_hf(tmp_path / "m")
 
 
 def test_4x_style_config(tmp_path):
