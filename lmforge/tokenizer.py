@@ -340,9 +340,15 @@ def _added(tokens: Iterable[str]) -> Iterable[AddedToken]:
 
 
 def _check_spec(spec) -> None:
-    """What tokenizers' loader panics on, with its Rust backtrace on stderr, instead of reporting it."""
+    """What tokenizers' loader (0.23) panics on, printing Rust's panic to stderr, instead of reporting it: a
+    merge shorter than continuing_subword_prefix, a vocab whose ids repeat (depending on hash order)."""
     model = spec.get("model") if isinstance(spec, dict) else None
-    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if not isinstance(model, dict):
+        return
+    for key in ("continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):  # lmforge's BPE and char models use neither
+            raise ValueError(f"not an lmforge tokenizer: model.{key} is set")
+    vocab = model.get("vocab")
     if isinstance(vocab, dict):
         ids = [i for i in vocab.values() if isinstance(i, int) and not isinstance(i, bool)]
         if len(set(ids)) != len(ids):
