@@ -68,8 +68,9 @@ FOREIGN_FLAGS = (
 )
 
 
-def _refuse(what: str) -> ValueError:
-    return ValueError(f"unsupported Hugging Face checkpoint: {what}; lmforge cannot reproduce it")
+def _refuse(what: str) -> UserError:
+    # A user error: the folder (or the architecture asked to export) is one lmforge cannot represent exactly.
+    return UserError(f"unsupported Hugging Face checkpoint: {what}; lmforge cannot reproduce it")
 
 
 # ---- config: HF dict -> ModelConfig ------------------------------------------------------------------

@@ -23,7 +23,9 @@ def pretrain(args: argparse.Namespace) -> None:
 
 
 def _run_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run folder, e.g. runs/demo")
+    p.add_argument(
+        "run", help="run folder (runs/demo), one of its checkpoints (runs/demo/checkpoints/step_000720) or an HF folder"
+    )
 
 
 def _sample_args(p: argparse.ArgumentParser) -> None:

@@ -227,3 +227,19 @@ def test_save_hf_with_tokenizer(tmp_path):
     assert tok.decode(tok.encode(TEXT).ids) == TEXT and template == TEMPLATE
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
     assert hf_tok.decode(hf_tok(TEXT)["input_ids"]) == TEXT and hf_tok.chat_template == TEMPLATE
+
+
+def test_an_unsupported_hf_folder_is_one_line_from_the_cli(tmp_path, capsys):
+    import json
+
+    from safetensors.torch import save_file
+
+    from lmforge.cli import main
+    from lmforge.tokenizer import Tokenizer
+
+    Tokenizer.train_char(["abc"]).save(tmp_path)
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen9", "architectures": ["Qwen9ForCausalLM"]}))
+    assert main(["sample", str(tmp_path), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unsupported Hugging Face checkpoint: model_type 'qwen9'" in err
