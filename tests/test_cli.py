@@ -114,7 +114,7 @@ def test_return_value_is_the_exit_status(echo, capsys):
     [
         (["echo", "--config", "missing.yaml"], "config file not found: missing.yaml"),
         (["echo", "nn=2"], "unknown key 'nn' in override 'nn=2' (did you mean 'n'?)"),
-        (["echo", "n=abc"], "n: expected an int, got 'abc'"),
+        (["echo", "n=abc"], "override n=abc: expected an int, got 'abc'"),
         (["echo", "oops"], "override 'oops' must look like key=value"),
     ],
 )

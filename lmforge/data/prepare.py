@@ -145,10 +145,9 @@ def run(cfg: PrepareConfig, *, progress: bool | None = None) -> Path:
     from lmforge.data.loader import unigram_bpb_of_counts
 
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    # meta.json is written last and marks a complete folder: drop the old one before the first file is replaced
-    # (not sooner: a source or tokenizer that fails leaves the previous data whole), so a run that dies half-way
-    # through an overwrite leaves a folder that TokenData refuses instead of mismatched files.
-    (out / "meta.json").unlink(missing_ok=True)
+    # Everything is written into a staging folder beside `out` and moved in only once complete, so a run that
+    # dies while tokenizing (nearly all of its time) leaves the previous data in `out` whole.
+    final, out = out, _staging_folder(out)
     counts, histograms = {}, {}
     for name, split in splits.items():
         histograms[name] = _write_tokens(out / f"{name}.bin", split, tok, dtype, desc=name, progress=progress)
@@ -183,8 +182,54 @@ def run(cfg: PrepareConfig, *, progress: bool | None = None) -> Path:
         "config": to_dict(cfg),
     }
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    _print_summary(out, meta, time.perf_counter() - start, tok_seconds)
-    return out
+    _install(out, final)
+    _print_summary(final, meta, time.perf_counter() - start, tok_seconds)
+    return final
+
+
+def _staging_folder(out: Path) -> Path:
+    """A fresh folder beside `out` (same filesystem, so moving files in is a rename); stale ones of dead
+    processes are removed."""
+    import os
+    import shutil
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.prepare-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = out.parent / f".{out.name}.prepare-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _install(staging: Path, out: Path) -> None:
+    """Move the staged files into `out`, replacing only those (other files in `out` stay). meta.json marks a
+    complete folder: the old one goes first and the new one comes last, so the instant of renames in between
+    can only leave a folder that TokenData refuses, never one that mixes old and new files."""
+    import os
+
+    from lmforge.runs import fsync_dir
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == "meta.json"):
+        os.replace(path, out / path.name)
+    fsync_dir(out)
+    staging.rmdir()
 
 
 def train_tokenizer(
