@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmforge.config import UserError
+
 from .context import check_context
 from .paged import OutOfBlocks, PagedKVPool, PagedSequence
 from .sampling import SamplingParams, TextStream, TokenLogprobs, draw, processed_probs, token_logprobs
@@ -120,12 +122,13 @@ class Engine:
     def add_request(self, prompt: list[int], params: SamplingParams | None = None) -> Request:
         params = params or SamplingParams()
         if not prompt:
-            raise ValueError("the prompt is empty: give at least one token")
+            raise UserError("the prompt is empty: give at least one token (a prompt text that encodes to tokens)")
         total = len(prompt) + params.max_new_tokens
         check_context(self.cfg, len(prompt), params.max_new_tokens)
         if -(-total // self.pool.block_size) > self.pool.num_blocks:
-            raise ValueError(f"{total} tokens cannot fit the KV cache ({self.pool.capacity_tokens} tokens): "
-                             "give the engine more KV memory")  # fmt: skip
+            raise UserError(f"prompt + max_new_tokens = {total} tokens cannot fit the KV cache "
+                            f"({self.pool.capacity_tokens} tokens): give the engine more KV memory "
+                            "(kv_memory_gib, num_blocks) or ask for fewer tokens")  # fmt: skip
         request = Request(next(self._ids), list(prompt), params, time.perf_counter())
         seq = Sequence(request, 0, PagedSequence(list(prompt)), len(prompt), text=self._text_stream(params))
         request.seqs.append(seq)

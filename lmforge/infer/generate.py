@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 import torch
 
+from lmforge.config import UserError
+
 from .context import check_context
 from .kv_cache import ContiguousKVCache
 from .sampling import SamplingParams, draw, processed_probs
@@ -37,7 +39,7 @@ def generate_stream(
     params = params or SamplingParams(**kwargs)
     cfg = model.cfg
     if not prompt:
-        raise ValueError("the prompt is empty: give at least one token")
+        raise UserError("the prompt is empty: give at least one token (a prompt text that encodes to tokens)")
     check_context(cfg, len(prompt), params.max_new_tokens, streaming=isinstance(cache, SlidingKVCache))
     total = len(prompt) + params.max_new_tokens
     weight = next(model.parameters())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from lmforge.config import UserError
 from lmforge.infer import kernels
 from lmforge.model import ModelConfig
 
@@ -35,7 +36,7 @@ def storage_dtype(kv_dtype: str | torch.dtype | None, dtype: torch.dtype) -> tor
         return dtype
     resolved = KV_DTYPES.get(kv_dtype) if isinstance(kv_dtype, str) else kv_dtype
     if resolved not in KV_DTYPES.values():
-        raise ValueError(f"kv_dtype must be one of {sorted(KV_DTYPES)} (or None: the model's dtype), got {kv_dtype!r}")
+        raise UserError(f"kv_dtype must be one of {sorted(KV_DTYPES)} (or None: the model's dtype), got {kv_dtype!r}")
     return resolved
 
 

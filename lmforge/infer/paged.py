@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmforge.config import UserError
 from lmforge.model import ModelConfig
 
 from . import kernels
@@ -109,7 +110,8 @@ class PagedKVPool:
     def __init__(self, cfg: ModelConfig, num_blocks: int, *, block_size: int = 16, dtype=torch.float32,
                  device="cpu", kv_dtype: str | None = None, prefix_caching: bool = True):  # fmt: skip
         if cfg.attention == "linear":
-            raise ValueError("linear attention keeps a recurrent state, not keys and values: use ContiguousKVCache")
+            raise UserError("linear attention keeps a recurrent state, not keys and values, so it cannot use a paged "
+                            "cache: use the contiguous cache (--kv contiguous, one sequence)")  # fmt: skip
         self.cfg, self.block_size, self.dtype, self.device = cfg, block_size, dtype, device
         self.int8 = kv_dtype == "int8"
         self.prefix_caching = prefix_caching

@@ -35,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from lmforge.config import from_dict, to_dict
+from lmforge.config import UserError, from_dict, to_dict
 from lmforge.infer import kernels
 from lmforge.model import ModelConfig, Transformer
 from lmforge.runs import atomic_write_bytes
@@ -181,7 +181,7 @@ class Int8Linear(QuantizedLinear):
 def _check_fbgemm() -> None:
     engine = torch.backends.quantized.engine
     if engine not in ("fbgemm", "x86"):
-        raise RuntimeError(
+        raise UserError(
             f"w8a8 runs on fbgemm, but torch.backends.quantized.engine is {engine!r}: set it to 'x86' "
             f"(this build has {torch.backends.quantized.supported_engines}), or use scheme 'int8'"
         )
@@ -307,7 +307,7 @@ SCHEMES: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "w8a8": W8A8Lin
 
 def _scheme(scheme: str) -> type[QuantizedLinear]:
     if scheme not in SCHEMES:
-        raise ValueError(f"unknown quantization scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
+        raise UserError(f"unknown quantization scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
     return SCHEMES[scheme]
 
 
@@ -334,7 +334,7 @@ def quantize_model(
     untied quantized copy; the embedding itself stays fp32. `group_size` is int4's group (even, > 0)."""
     cls = _scheme(scheme)
     if group_size <= 0 or group_size % 2:
-        raise ValueError(f"group_size must be even and positive (two int4 values share a byte), got {group_size}")
+        raise UserError(f"group_size must be even and positive (two int4 values share a byte), got {group_size}")
     if getattr(model, "quantization", None):
         raise ValueError(f"model is already quantized ({model.quantization['scheme']}): quantize an fp32 model")
     for parent, name, linear in _linears(model, include_lm_head):
@@ -404,7 +404,8 @@ def load_quantized(path: str | Path) -> Transformer:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a quantized lmforge model (no format={FORMAT!r} in its metadata)")
+        raise UserError(f"{path} is not a quantized lmforge model (no format={FORMAT!r} in its metadata): give a "
+                        "file written by save_quantized")  # fmt: skip
     cls = _scheme(meta["scheme"])
     group_size, include_lm_head = json.loads(meta["group_size"]), json.loads(meta["include_lm_head"])
     model = Transformer(from_dict(ModelConfig, json.loads(meta["model_config"])))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from lmforge.config import UserError
 from lmforge.model import ModelConfig
 
 from .kv_cache import KVStore
@@ -46,9 +47,11 @@ class SlidingKVCache:
     def __init__(self, cfg: ModelConfig, batch_size: int, window: int, sinks: int = 0, dtype=torch.float32,
                  device="cpu", kv_dtype: str | torch.dtype | None = None):  # fmt: skip
         if cfg.attention == "linear":
-            raise ValueError("linear attention keeps a fixed-size state already: use ContiguousKVCache")
+            raise UserError("linear attention keeps a fixed-size state already, so a sliding cache has nothing to "
+                            "drop: use the contiguous cache (--kv contiguous)")  # fmt: skip
         if not 0 <= sinks < window:
-            raise ValueError(f"need 0 <= sinks < window, got sinks={sinks}, window={window}")
+            raise UserError(f"need 0 <= sinks < window, got sinks={sinks}, window={window}: keep fewer sinks "
+                            "than the window's keys")  # fmt: skip
         self.cfg, self.batch_size, self.window, self.sinks = cfg, batch_size, window, sinks
         self.store = KVStore(cfg, batch_size, window, dtype, device, kv_dtype)
         self.positions = torch.zeros(batch_size, window, dtype=torch.long, device=device)

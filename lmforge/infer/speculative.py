@@ -209,25 +209,28 @@ class SpeculativeStream:
 
     def __init__(self, target, prompt, params, *, draft, gamma, lookup_ngram, adaptive, gamma_max, vocab_size):
         if not prompt:
-            raise ValueError("the prompt is empty: give at least one token")
+            raise UserError("the prompt is empty: give at least one token (a prompt text that encodes to tokens)")
         if draft is not None and lookup_ngram is not None:
-            raise ValueError("give either a draft model or lookup_ngram, not both")
+            raise UserError("give either a draft model or lookup_ngram, not both")
         if gamma < 1 or (gamma_max is not None and gamma_max < gamma):
-            raise ValueError(f"need 1 ≤ gamma ≤ gamma_max, got gamma={gamma}, gamma_max={gamma_max}")
+            raise UserError(f"need 1 ≤ gamma ≤ gamma_max, got gamma={gamma}, gamma_max={gamma_max}")
         if lookup_ngram is not None and lookup_ngram < 1:
-            raise ValueError(f"lookup_ngram is the longest n-gram matched, ≥ 1; got {lookup_ngram}")
+            raise UserError(f"lookup_ngram is the longest n-gram matched, ≥ 1; got {lookup_ngram}")
         models = [target] + ([draft] if draft is not None else [])
         vocabs = {m.cfg.vocab_size for m in models}
         if vocab_size is None and len(vocabs) > 1:
-            raise ValueError(f"draft and target vocab sizes differ ({sorted(vocabs)}): pass vocab_size= the "
-                             "tokenizer's vocabulary (padding past it is cut off)")  # fmt: skip
+            raise UserError(f"draft and target vocab sizes differ ({sorted(vocabs)}): pass vocab_size= the "
+                            "tokenizer's vocabulary (padding past it is cut off)")  # fmt: skip
         vocab_size = vocab_size or target.cfg.vocab_size
         if vocab_size > min(vocabs):
-            raise ValueError(f"vocab_size={vocab_size} exceeds a model's vocabulary ({min(vocabs)})")
+            raise UserError(f"the tokenizer has {vocab_size} tokens, more than a model's vocabulary "
+                            f"({min(vocabs)}): give a draft model with the target's tokenizer")  # fmt: skip
         self.max_len = len(prompt) + params.max_new_tokens
         for m in models:
             if m.cfg.attention == "linear" and (draft is not None or lookup_ngram is not None):
-                raise ValueError("linear attention keeps a state that cannot roll back rejected drafts")
+                which = "the target" if m is target else "the draft model"
+                raise UserError(f"{which} uses linear attention, whose running state cannot roll back rejected "
+                                "drafts: generate without speculation (no --draft, no --lookup)")  # fmt: skip
             check_context(m.cfg, len(prompt), params.max_new_tokens)
             m.eval()
         self.target, self.prompt, self.params, self.vocab_size = target, list(prompt), params, vocab_size

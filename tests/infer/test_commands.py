@@ -120,3 +120,34 @@ def test_a_stop_typed_as_backslash_n_stops_at_a_blank_line(loads, monkeypatch, c
     stop = r"\n\n"  # the 4 characters a shell passes for --stop "\n\n"
     status, out, err = run(["--ckpt", "runs/tiny", "--prompt", "c", "--max-new-tokens", "20", "--stop", stop], capsys)
     assert status == 0 and out == "cab\ncd\n", (out, err)
+
+
+@pytest.mark.parametrize("kv", [["--kv", "contiguous"], ["--kv", "paged"], ["--lookup", "2"], ["--kv", "sliding"]])
+def test_an_empty_prompt_is_one_line_on_every_path(kv, loads, capsys):
+    status, out, err = run(["--ckpt", "runs/tiny", "--prompt", "", "--max-new-tokens", "3", *kv], capsys)
+    assert status == 2 and err.count("\n") == 1, err
+    assert err.startswith("lmforge: error: the prompt is empty: give at least one token"), err
+
+
+@pytest.fixture
+def linear_loads(monkeypatch):
+    tok = Tokenizer.train_char(["ab\ncd "])
+    model = tiny_model(tok.vocab_size, attention="linear")
+    monkeypatch.setattr(loading, "load_for_inference", lambda path: (model, tok))
+
+
+@pytest.mark.parametrize(
+    "argv, says, fix",
+    [
+        (["--lookup", "2"], "the target uses linear attention, whose running state cannot roll back", "no --lookup"),
+        (["--kv", "sliding"], "linear attention keeps a fixed-size state already", "--kv contiguous"),
+        (["--kv", "paged"], "linear attention keeps a recurrent state, not keys and values", "--kv contiguous"),
+        (["--n", "2"], "linear attention keeps a recurrent state, not keys and values", "--kv contiguous"),
+    ],
+)
+def test_what_a_linear_attention_model_cannot_do_is_one_line(argv, says, fix, linear_loads, capsys):
+    status, out, err = run(["--ckpt", "runs/linear", "--prompt", "ab", "--max-new-tokens", "3", *argv], capsys)
+    assert status == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"lmforge: error: {says}") and fix in err, err
+    status, out, err = run(["--ckpt", "runs/linear", "--prompt", "ab", "--max-new-tokens", "3"], capsys)
+    assert status == 0, err  # the contiguous cache, without speculation, serves it

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lmforge.config import UserError
 from lmforge.infer.engine import Engine, prefill_groups
 from lmforge.infer.kv_cache import ContiguousKVCache
 from lmforge.infer.paged import PagedKVPool, PagedSequence
@@ -220,8 +221,13 @@ def test_errors_are_one_line_and_say_what_to_do():
     engine = Engine(tiny(position="learned", max_seq_len=32), num_blocks=4, block_size=8)
     with pytest.raises(ValueError, match="max_new_tokens"):
         engine.add_request(list(range(3, 30)), SamplingParams(max_new_tokens=10))
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(UserError, match="empty"):
         engine.add_request([], SamplingParams())
+    small = Engine(tiny(), num_blocks=2, block_size=8)  # 16 tokens of KV cache, a context of 256
+    with pytest.raises(UserError, match=r"20 tokens cannot fit the KV cache \(16 tokens\): give the engine more"):
+        small.add_request(list(range(3, 13)), SamplingParams(max_new_tokens=10))
+    with pytest.raises(UserError, match="linear attention .* use the contiguous cache"):
+        Engine(tiny(attention="linear"), num_blocks=4, block_size=8)
 
 
 def test_capacity_line_counts_tokens_and_sequences():

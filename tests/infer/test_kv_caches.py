@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import lmforge.model.transformer as transformer_module
+from lmforge.config import UserError
 from lmforge.infer.kv_cache import ContiguousKVCache, dequantize_kv, quantize_kv
 from lmforge.infer.merging import TokenMergingCache
 from lmforge.infer.sliding import SlidingKVCache
@@ -103,7 +104,7 @@ def test_int8_and_bf16_storage_bytes():
     assert bf16.k.dtype == torch.bfloat16 and bf16.nbytes() * 2 == fp32.nbytes()
     assert int8.store.bytes_per_slot() == (2 * cfg.n_layer * cfg.kv_dim) * (1 + 4 / cfg.head_dim)
     assert int8.store.bytes_per_slot() * 3 * 20 == int8.nbytes()
-    with pytest.raises(ValueError, match="kv_dtype must be one of"):
+    with pytest.raises(UserError, match="kv_dtype must be one of"):
         ContiguousKVCache(cfg, 1, 8, kv_dtype="int4")
 
 
@@ -237,10 +238,14 @@ def test_sinks_keep_the_first_tokens_and_the_last(attention, sinks, monkeypatch)
 
 
 def test_sliding_cache_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="sinks < window"):
+    with pytest.raises(UserError, match="sinks < window"):
         SlidingKVCache(tiny(), batch_size=1, window=4, sinks=4)
-    with pytest.raises(ValueError, match="linear"):
+    with pytest.raises(UserError, match="linear.*use the contiguous cache"):
         SlidingKVCache(tiny(attention="linear"), batch_size=1, window=4)
+    cache = SlidingKVCache(tiny(), batch_size=1, window=4)
+    with pytest.raises(ValueError) as bug:  # only our own code could hand it a state: a bug, not a user error
+        cache.set_state(0, object())
+    assert not isinstance(bug.value, UserError)
 
 
 # ---- token merging -------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import save_file
 
+from lmforge.config import UserError
 from lmforge.infer.generate import generate
 from lmforge.infer.quantize import (
     SCHEMES,
@@ -227,14 +229,19 @@ def test_head_left_tied_round_trips(tmp_path):
 
 def test_bad_inputs_say_what_to_do(tmp_path):
     model, _ = model_and_ids()
-    with pytest.raises(ValueError, match="use one of int8, w8a8, int4, bf16") as info:
+    with pytest.raises(UserError, match="use one of int8, w8a8, int4, bf16") as info:
         quantize_model(model, "int3")
     assert "\n" not in str(info.value)
-    with pytest.raises(ValueError, match="even"):
+    with pytest.raises(UserError, match="even"):
         quantize_model(model, "int4", group_size=33)
     quantize_model(model, "int8")
-    with pytest.raises(ValueError, match="already quantized"):
+    with pytest.raises(ValueError, match="already quantized") as misuse:  # only a program can do these: not a user's
         quantize_model(model, "int8")
+    assert not isinstance(misuse.value, UserError)
     fresh, _ = model_and_ids()
     with pytest.raises(ValueError, match="not quantized"):
         save_quantized(fresh, tmp_path / "fp32.safetensors")
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(UserError, match="is not a quantized lmforge model.*give a file written by save_quantized"):
+        load_quantized(plain)

@@ -5,6 +5,7 @@ the mean accepted length matches (1 − α^(γ+1)) / (1 − α), and stops, limi
 import pytest
 import torch
 
+from lmforge.config import UserError
 from lmforge.infer.generate import generate
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.speculative import (
@@ -237,23 +238,25 @@ def test_padded_vocabularies(draft):
     ref = generate(padded, [1, 2, 3], max_new_tokens=20, temperature=0, vocab_size=64)
     params = SamplingParams(temperature=0, max_new_tokens=20)
     assert list(speculative_generate(padded, [1, 2, 3], params, draft=draft, vocab_size=64)) == ref
-    with pytest.raises(ValueError, match="vocab sizes differ"):
+    with pytest.raises(UserError, match="vocab sizes differ"):
         speculative_generate(padded, [1, 2, 3], params, draft=draft)
-    with pytest.raises(ValueError, match="exceeds"):
+    with pytest.raises(UserError, match=r"the tokenizer has 70 tokens, more than a model's vocabulary \(64\)"):
         speculative_generate(padded, [1, 2, 3], params, draft=draft, vocab_size=70)
 
 
 def test_refuses_what_it_cannot_do(target, draft):
     params = SamplingParams(temperature=0, max_new_tokens=8)
-    with pytest.raises(ValueError, match="cannot roll back"):
+    with pytest.raises(UserError, match="cannot roll back"):
         speculative_generate(tiny(0, attention="linear"), [1, 2], params, lookup_ngram=2)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(UserError, match="the draft model uses linear attention"):
+        speculative_generate(target, [1, 2], params, draft=tiny(0, vocab_size=64, attention="linear"))
+    with pytest.raises(UserError, match="not both"):
         speculative_generate(target, [1, 2], params, draft=draft, lookup_ngram=2)
-    with pytest.raises(ValueError, match="positions"):
+    with pytest.raises(UserError, match="positions"):
         speculative_generate(target, [1] * 125, params, draft=draft)
-    with pytest.raises(ValueError, match="lookup_ngram"):
+    with pytest.raises(UserError, match="lookup_ngram"):
         speculative_generate(target, [1, 2], params, lookup_ngram=0)
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(UserError, match="empty"):
         speculative_generate(target, [], params)
 
 
