@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lmforge.config import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -38,8 +40,16 @@ class TokenData:
         if not meta_path.is_file():
             hint = f"run `lmforge prepare --out {self.folder}`"
             raise FileNotFoundError(f"no prepared data in {self.folder} (meta.json missing); {hint}")
-        self.meta: dict = json.loads(meta_path.read_text(encoding="utf-8"))
-        self.dtype = np.dtype(self.meta["dtype"])
+        try:
+            self.meta: dict = json.loads(meta_path.read_text(encoding="utf-8"))
+            self.dtype = np.dtype(self.meta["dtype"])
+            for split in ("train", "val"):
+                int(self.meta[split]["tokens"])
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as e:
+            raise UserError(
+                f"{meta_path} is damaged ({type(e).__name__}: {e}); run `lmforge prepare --out {self.folder} "
+                "--overwrite` again"
+            ) from None
         self.train = self._open("train")
         self.val = self._open("val")
 
@@ -50,7 +60,10 @@ class TokenData:
         expected = self.meta[split]["tokens"] * self.dtype.itemsize
         if path.stat().st_size != expected:
             size = path.stat().st_size
-            raise ValueError(f"{path} holds {size} bytes, meta.json expects {expected}; re-prepare")
+            raise UserError(
+                f"{path} holds {size} bytes, meta.json expects {expected}: the data is damaged or cut short; "
+                f"run `lmforge prepare --out {self.folder} --overwrite` again"
+            )
         if expected == 0:  # np.memmap refuses empty files
             return np.empty(0, dtype=self.dtype)
         return np.memmap(path, dtype=self.dtype, mode="r")
@@ -102,7 +115,10 @@ def sample_batch(
     if batch_size % parts:
         raise ValueError(f"batch_size {batch_size} does not split into world_size * n_micro = {parts} slices")
     if len(tokens) < seq_len + 1:
-        raise ValueError(f"{len(tokens)} tokens are too few for one window of seq_len + 1 = {seq_len + 1}")
+        raise UserError(
+            f"{len(tokens)} tokens are too few for one window of seq_len + 1 = {seq_len + 1}: use more data or "
+            "a smaller model.max_seq_len"
+        )
     if step < 0 or seed < 0:
         raise ValueError(f"step and seed must be >= 0, got {step} and {seed}")
     rng = np.random.default_rng([seed, step])

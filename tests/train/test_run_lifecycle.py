@@ -229,3 +229,19 @@ def test_a_learning_rate_that_is_not_a_number_is_one_line(bad, tmp_path, capsys)
     err = one_line(capsys.readouterr().err)
     assert bad.split("=")[0].split(".")[1] in err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("damage", ["cut train.bin", "garbage meta.json", "meta.json of another shape"])
+def test_damaged_prepared_data_is_one_line(damage, data, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    if damage == "cut train.bin":
+        (copy / "train.bin").write_bytes((copy / "train.bin").read_bytes()[:-3])
+    elif damage == "garbage meta.json":
+        (copy / "meta.json").write_bytes(b"\xff{not json")
+    else:
+        (copy / "meta.json").write_text('{"dtype": "uint16", "train": 5}')
+    assert pretrain(copy, tmp_path / "runs", "name=x", "train.steps=1") == 2
+    assert "lmforge prepare" in one_line(capsys.readouterr().err)
