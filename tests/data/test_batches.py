@@ -133,5 +133,5 @@ def test_token_data_errors(tmp_path):
     folder = write_data(tmp_path / "d", train=[1, 2, 3], val=[], vocab_size=4)
     assert len(TokenData(folder).val) == 0
     (folder / "train.bin").write_bytes(b"\0" * 4)
-    with pytest.raises(ValueError, match="re-prepare"):
+    with pytest.raises(ValueError, match="damaged or cut short"):
         TokenData(folder)
