@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from lmforge.cli import command
-from lmforge.config import ConfigError
+from lmforge.config import ConfigError, UserError
 
 PRECISIONS = ["fp32", "bf16", "fp16"]
 KV_DTYPES = ["fp32", "bf16", "fp16", "fp8", "int8"]
@@ -66,12 +67,7 @@ def plan(args: argparse.Namespace) -> None:
 
     fields = PlanOptions.__dataclass_fields__
     options = PlanOptions(**{k: v for k, v in vars(args).items() if k in fields})
-    try:
-        result = make_plan(options)
-    except ConfigError:
-        raise
-    except ValueError as e:  # the estimators' checks on numbers the user gave
-        raise ConfigError(str(e)) from None
+    result = make_plan(options)  # checks the numbers given (ConfigError); a bad --gpu or --law is a UserError
     print(json.dumps(result, indent=1) if args.json else render(result), end="\n" if args.json else "")
 
 
@@ -139,10 +135,22 @@ def scaling(args: argparse.Namespace) -> None:
         if not args.dry_run:
             print(f"sweep folder: {root} (runs.csv, fit.json, prediction.json, report.md, plots)")
         return
-    try:
-        _fit(args)
-    except ValueError as e:  # bad input data (missing columns, too few runs, no minimum): one line
-        raise ConfigError(str(e)) from None
+    _check_fit_args(args)
+    _fit(args)  # bad input data (missing columns, too few runs, no minimum) is a UserError from where it is read
+
+
+def _check_fit_args(args: argparse.Namespace) -> None:
+    """The numbers `scaling fit` takes, checked before any input is read."""
+    for c in args.compute:
+        if not (c > 0 and math.isfinite(c)):
+            raise ConfigError(f"--compute must be a positive number of FLOPs, got {c}")
+    if args.target_loss is not None and not (args.target_loss > 0 and math.isfinite(args.target_loss)):
+        raise ConfigError(f"--target-loss must be a positive number, got {args.target_loss}")
+    for name in ("drop_highest", "bootstrap"):
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(args, name)}")
+    if args.starts < 1:
+        raise ConfigError(f"--starts must be ≥ 1, got {args.starts}")
 
 
 def _fit(args: argparse.Namespace) -> None:
@@ -175,7 +183,7 @@ def _fit(args: argparse.Namespace) -> None:
         if args.method in ("isoflop", "all"):
             try:
                 iso = fitting.fit_isoflop(runs.budget, runs.params, runs.loss)
-            except ValueError as e:
+            except UserError as e:  # too few budgets or sizes for Approach 2: the other fits still run
                 if args.method == "isoflop":
                     raise
                 lines.append(f"IsoFLOP: skipped ({e})")

@@ -19,6 +19,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
+from lmforge.config import UserError
 from lmforge.model.config import ModelConfig
 
 TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022: ~20 tokens per parameter on their compute-optimal frontier
@@ -91,13 +92,13 @@ def accelerator(
     labels = {_key(label): label for label in table} | {_key(a): label for a, label in ALIASES.items()}
     label = labels.get(_key(name))
     if label is None and not (peak_tflops and memory_gib):
-        raise ValueError(
+        raise UserError(
             f"unknown accelerator {name!r}: use one of {', '.join(sorted(table))} (case and dashes do not "
             "matter), or give both --peak-tflops and --memory-gib"
         )
     entry = table.get(label, {})
     if peak_tflops is None and entry.get(dtype) is None:
-        raise ValueError(f"{label} has no datasheet {dtype} peak: give --peak-tflops")
+        raise UserError(f"{label} has no datasheet {dtype} peak: give --peak-tflops")
     peak = peak_tflops if peak_tflops is not None else entry[dtype]
     memory = memory_gib if memory_gib is not None else entry["memory_gib"]
     _positive(peak_tflops=peak, memory_gib=memory)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lmforge.config import UserError
+
 from .laws import ChinchillaLaw, PowerLaw
 
 __all__ = [
@@ -111,9 +113,9 @@ def _logs(n, d, loss) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not (len(n) == len(d) == len(loss)):
         raise ValueError(f"N, D and loss need one value per run, got {len(n)}, {len(d)} and {len(loss)}")
     if len(n) < 5:
-        raise ValueError(f"a 5-parameter law needs at least 5 runs, got {len(n)}")
-    if (n <= 0).any() or (d <= 0).any() or (loss <= 0).any():
-        raise ValueError("parameters, tokens and losses must all be positive")
+        raise UserError(f"a 5-parameter law needs at least 5 runs, got {len(n)}: give more runs")
+    if not ((n > 0).all() and (d > 0).all() and (loss > 0).all()):  # NaN fails too
+        raise UserError("parameters, tokens and losses must all be positive numbers: fix the runs given")
     return np.log(n), np.log(d), np.log(loss)
 
 
@@ -239,10 +241,10 @@ def fit_parabola(compute: float, n, loss) -> Parabola:
     """Least-squares parabola of loss in ln N for the runs of one budget (≥ 3 sizes)."""
     n, loss = np.asarray(n, dtype=float), np.asarray(loss, dtype=float)
     if len(set(n)) < 3:
-        raise ValueError(f"a parabola needs ≥ 3 model sizes at C = {compute:.3g}, got {len(set(n))}")
+        raise UserError(f"a parabola needs ≥ 3 model sizes at C = {compute:.3g}, got {len(set(n))}: train more sizes")
     p2, p1, p0 = np.polyfit(np.log(n), loss, 2)
     if p2 <= 0:
-        raise ValueError(
+        raise UserError(
             f"the runs at C = {compute:.3g} have no minimum in N (the loss curve opens downwards): "
             "train sizes on both sides of the best one"
         )
@@ -264,7 +266,8 @@ def fit_isoflop(compute, n, loss, *, rel_tol: float = 0.05) -> IsoFLOPFit:
         fit_parabola(float(np.exp(np.mean(np.log(compute[g])))), n[g], loss[g]) for g in groups if len(set(n[g])) >= 3
     ]
     if len(parabolas) < 2:
-        raise ValueError(f"IsoFLOP fits need ≥ 2 budgets with ≥ 3 model sizes each, got {len(parabolas)}")
+        raise UserError(f"IsoFLOP fits need ≥ 2 budgets with ≥ 3 model sizes each, got {len(parabolas)}: train "
+                        "more budgets or sizes, or fit with --method chinchilla")  # fmt: skip
     cs = np.array([p.compute for p in parabolas])
     slope, intercept = np.polyfit(np.log(cs), np.log([p.n_opt for p in parabolas]), 1)
     curve = fit_power_law(cs, [p.loss_min for p in parabolas]) if len(parabolas) >= 3 else None
@@ -282,10 +285,13 @@ def fit_power_law(x, y, *, floor: float | None = None) -> PowerLaw:
     from scipy.optimize import least_squares
 
     x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
-    if len(x) != len(y) or len(x) < (2 if floor is not None else 3):
-        raise ValueError(f"a power law needs ≥ {2 if floor is not None else 3} points (x, y), got {len(x)}")
-    if (x <= 0).any():
-        raise ValueError("x must be positive (steps, parameters or FLOPs)")
+    if len(x) != len(y):
+        raise ValueError(f"x and y need one value each per point, got {len(x)} and {len(y)}")
+    if len(x) < (2 if floor is not None else 3):
+        raise UserError(f"a power law needs ≥ {2 if floor is not None else 3} points (x, y), got {len(x)}: give "
+                        "more runs or a longer curve")  # fmt: skip
+    if not (x > 0).all():
+        raise UserError("x must be positive (steps, parameters or FLOPs): fix the runs given")
     lx = np.log(x)
 
     def linear(c: float) -> tuple[float, float, float]:

@@ -12,10 +12,13 @@ C = 6·N·D); the usual spellings are accepted, e.g. Epoch's `Model Size`, `Trai
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from lmforge.config import UserError
 
 ALIASES = {
     "params": ("params", "parameters", "n", "model size", "model_size", "num_params"),
@@ -52,18 +55,30 @@ def _column(header: list[str], kind: str) -> str | None:
 
 
 def read_csv(path: Path) -> Runs:
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        rows = [r for r in reader if r.get("role", "sweep") != "holdout"]  # a sweep's held-out run is for testing
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            rows = [(reader.line_num, r) for r in reader if r.get("role", "sweep") != "holdout"]  # held-out: a test
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{path}: not a CSV of runs ({e})") from None
     cols = {k: _column(header, k) for k in ALIASES}
     missing = [k for k in ("params", "loss") if cols[k] is None]
     if missing or (cols["tokens"] is None and cols["flops"] is None):
         need = ", ".join(missing + ([] if cols["tokens"] or cols["flops"] else ["tokens or flops"]))
-        raise ValueError(f"{path}: no {need} column (header: {', '.join(header)})")
+        raise UserError(f"{path}: no {need} column (header: {', '.join(header)})")
+
+    def number(line: int, row: dict, column: str) -> float:
+        try:
+            value = float(row[column])
+        except (TypeError, ValueError):  # not a number, or a row too short to have the column (None)
+            value = math.nan
+        if not math.isfinite(value):
+            raise UserError(f"{path}:{line}: {column} is {row[column]!r}, not a finite number: fix or drop the row")
+        return value
 
     def get(kind: str) -> np.ndarray | None:
-        return None if cols[kind] is None else np.array([float(r[cols[kind]]) for r in rows])
+        return None if cols[kind] is None else np.array([number(line, r, cols[kind]) for line, r in rows])
 
     n, d, c, loss = get("params"), get("tokens"), get("flops"), get("loss")
     d = c / (6 * n) if d is None else d
@@ -81,7 +96,7 @@ def read_run_folder(path: Path) -> tuple[float, float, float]:
     cfg = run.load_config(PretrainConfig)
     val = [r for r in run.read_metrics() if "val_loss" in r]
     if not val:
-        raise ValueError(f"{path} has no val_loss in metrics.jsonl: evaluate it (`lmforge eval {path}`) first")
+        raise UserError(f"{path} has no val_loss in metrics.jsonl: evaluate it (`lmforge eval {path}`) first")
     last = val[-1]
     tokens = last["step"] * cfg.train.batch_size * cfg.model.max_seq_len
     return float(cfg.model.param_counts()["total"]), float(tokens), float(last["val_loss"])
@@ -116,10 +131,10 @@ def load_curve(
     if rows:
         rows = [r for r in rows if r["step"] > skip * rows[-1]["step"]]
     if len(rows) < 3:
-        raise ValueError(f"{path}: fewer than 3 logged values of {metric!r} in metrics.jsonl")
+        raise UserError(f"{path}: fewer than 3 logged values of {metric!r} in metrics.jsonl: train it longer")
     steps = np.array([r["step"] for r in rows], dtype=float)
     scale = {"steps": 1.0, "tokens": cfg.train.batch_size * cfg.model.max_seq_len}
     scale["flops"] = 6.0 * cfg.model.param_counts()["total"] * scale["tokens"]
     if x not in scale:
-        raise ValueError(f"x must be one of {', '.join(scale)}, got {x!r}")
+        raise UserError(f"--x {x} is not an axis of a run's loss curve: use one of {', '.join(scale)}")
     return steps * scale[x], np.array([r[metric] for r in rows])

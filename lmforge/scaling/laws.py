@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lmforge.config import UserError
+
 __all__ = ["EPOCH", "HOFFMANN", "ChinchillaLaw", "PowerLaw", "load_law"]
 
 
@@ -66,8 +68,9 @@ class ChinchillaLaw:
     def compute_for_loss(self, target_loss: float) -> float:
         """FLOPs a compute-optimal run needs to reach `target_loss` (the inverse of `loss_at_compute`)."""
         if target_loss <= self.E:
-            raise ValueError(
-                f"loss {target_loss:g} is at or below the irreducible loss E = {self.E:.4g}: no budget reaches it"
+            raise UserError(
+                f"loss {target_loss:g} is at or below the irreducible loss E = {self.E:.4g}: no budget reaches it; "
+                "ask for a loss above E"
             )
         return 6 * (self._k / (target_loss - self.E)) ** (1 / self.frontier_exponent)
 
@@ -106,7 +109,7 @@ class PowerLaw:
         """The x at which the curve reaches y (e.g. the compute needed to reach a loss)."""
         ratio = (y - self.c) / self.a
         if ratio <= 0:
-            raise ValueError(f"the curve never reaches {y:g}: it saturates at {self.c:.4g}")
+            raise UserError(f"the curve never reaches {y:g}: it saturates at {self.c:.4g}; ask for a loss above that")
         return ratio ** (1 / self.b)
 
     def to_dict(self) -> dict:
@@ -121,12 +124,19 @@ def load_law(path: str | Path) -> ChinchillaLaw:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no fit file {path}: write one with `lmforge scaling fit ... --out {path}`")
-    data = json.loads(path.read_text())
-    data = data.get("chinchilla", data)
+    hint = f"write one with `lmforge scaling fit ... --method chinchilla --out {path}`"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not a fit JSON ({e}): {hint}") from None
+    data = data.get("chinchilla", data) if isinstance(data, dict) else {}
+    missing = [k for k in ("E", "A", "B", "alpha", "beta") if k not in data]
+    if missing:
+        raise UserError(f"{path} holds no Chinchilla law (missing {', '.join(missing)}): {hint}")
     try:
         return ChinchillaLaw(**{k: float(data[k]) for k in ("E", "A", "B", "alpha", "beta")})
-    except KeyError as e:
-        raise ValueError(f"{path} holds no Chinchilla law (missing {e}): fit one with --method chinchilla") from e
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: E, A, B, alpha and beta must be numbers: {hint}") from None
 
 
 def _check_positive(**values: float) -> None:

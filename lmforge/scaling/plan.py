@@ -66,7 +66,10 @@ def load_model_config(path: str | Path, vocab_size: int | None = None):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model config not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a YAML file ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of ModelConfig fields (or a recipe with a model: key)")
     data = dict(data.get("model", data))
@@ -95,12 +98,15 @@ def _check(o: PlanOptions) -> None:
     positive = {"compute": o.compute, "params": o.params, "tokens": o.tokens, "tokens-per-param": o.tokens_per_param,
                 "gpus": o.gpus, "mfu": o.mfu, "price": o.price, "micro-batch": o.micro_batch, "batch": o.batch,
                 "serve-gpus": o.serve_gpus, "grad-accumulation": o.grad_accumulation, "fsdp-ranks": o.fsdp_ranks,
-                "seq-len": o.seq_len, "context": o.context, "group-size": o.group_size}  # fmt: skip
+                "seq-len": o.seq_len, "context": o.context, "group-size": o.group_size,
+                "peak-tflops": o.peak_tflops, "memory-gib": o.memory_gib}  # fmt: skip
     for name, value in positive.items():
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"--{name} must be a positive number, got {value}")
     if not 0 <= o.reserve < 1:
         raise ConfigError(f"--reserve is a fraction of memory in [0, 1), got {o.reserve}")
+    if o.mfu > 1:
+        raise ConfigError(f"--mfu is a fraction of peak (0.4 = 40%), got {o.mfu}")
 
 
 def make_plan(o: PlanOptions) -> dict:

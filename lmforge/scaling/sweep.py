@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmforge.config import UserError
 from lmforge.model.config import ModelConfig
 from lmforge.runs import atomic_open, atomic_write_text
 
@@ -236,7 +237,7 @@ def run_sweep(cfg: SweepConfig, *, dry_run: bool = False) -> Path:
         best = min(at_budget, key=lambda r: r["val_loss"])["params"]
         try:
             parabola = fit_parabola(budget, [r["params"] for r in at_budget], [r["val_loss"] for r in at_budget])
-        except ValueError as e:
+        except UserError as e:  # too few sizes, or no minimum: the next grid moves towards the best run
             print(f"   {e}")
             parabola = None
         # an unbracketed minimum is an extrapolation: move the next grid towards the best run trained instead

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from lmforge.config import UserError
 from lmforge.model import ModelConfig
 from lmforge.scaling import estimate as est
 
@@ -88,10 +89,10 @@ def test_accelerator_table_and_overrides(name, label, tflops, gib):
 
 
 def test_unknown_accelerator_or_dtype_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown accelerator 'v100'"):
+    with pytest.raises(UserError, match="unknown accelerator 'v100'"):
         est.accelerator("v100")
     assert est.accelerator("v100", peak_tflops=125, memory_gib=32).peak_flops == 125e12
-    with pytest.raises(ValueError, match="no datasheet fp32 peak"):
+    with pytest.raises(UserError, match="no datasheet fp32 peak"):
         est.accelerator("tpu v4", dtype="fp32")
 
 

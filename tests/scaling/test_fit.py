@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from chinchilla_data import epoch_runs
 
+from lmforge.config import UserError
 from lmforge.scaling.fit import (
     bootstrap_chinchilla,
     fit_chinchilla,
@@ -103,7 +104,7 @@ def test_frontier_is_the_brute_force_minimum_and_compute_for_loss_inverts_it():
         assert n_opt == pytest.approx(brute, rel=1e-4)
         assert law.loss_at_compute(1e21) == pytest.approx(law.loss(n_opt, d_opt))
         assert law.compute_for_loss(law.loss_at_compute(3e22)) == pytest.approx(3e22, rel=1e-9)
-    with pytest.raises(ValueError, match="irreducible"):
+    with pytest.raises(UserError, match="irreducible.*ask for a loss above E"):
         EPOCH.compute_for_loss(1.5)
 
 
@@ -125,7 +126,7 @@ def test_isoflop_parabolas_recover_the_frontier_exponent():
 
 
 def test_isoflop_refuses_a_budget_without_a_minimum():
-    with pytest.raises(ValueError, match="both sides"):
+    with pytest.raises(UserError, match="both sides"):
         fit_isoflop([1e18] * 3 + [1e19] * 3, [1, 2, 4, 1, 2, 4], [3.0, 3.5, 3.8, 2.0, 2.5, 2.7])
 
 
@@ -135,6 +136,11 @@ def test_power_law_recovers_its_parameters_and_solves_for_x():
     fit = fit_power_law(x, truth(x))
     assert (fit.a, fit.b, fit.c) == pytest.approx((5.0, -0.4, 2.5), rel=1e-4)
     assert fit.solve(fit(1234.0)) == pytest.approx(1234.0, rel=1e-6)
-    with pytest.raises(ValueError, match="saturates"):
+    with pytest.raises(UserError, match="saturates"):
         fit.solve(2.0)
+    with pytest.raises(UserError, match="needs ≥ 3 points"):
+        fit_power_law(x[:2], truth(x[:2]))
+    with pytest.raises(ValueError, match="one value each") as bug:  # only a caller's code can pass these
+        fit_power_law(x, truth(x)[:-1])
+    assert not isinstance(bug.value, UserError)
     assert fit_power_law(x, truth(x), floor=2.5).b == pytest.approx(-0.4, rel=1e-6)

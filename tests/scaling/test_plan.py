@@ -130,7 +130,9 @@ def test_cli_law_from_a_fit_file(tmp_path, capsys):
         ([], "nothing to plan"),
         (["--compute", "-1"], "compute must be a positive number"),
         (["--compute", "1e20", "--gpu", "v100"], "unknown accelerator 'v100'"),
-        (["--compute", "1e20", "--mfu", "40"], "mfu is a fraction"),
+        (["--compute", "1e20", "--mfu", "40"], "--mfu is a fraction"),
+        (["--compute", "1e20", "--peak-tflops", "-5"], "--peak-tflops must be a positive number, got -5"),
+        (["--compute", "1e20", "--gpu", "v100", "--peak-tflops", "100", "--memory-gib", "0"], "--memory-gib must be"),
         (["--params", "1e9", "--model-config", "x.yaml"], "not both"),
         (["--model-config", "missing.yaml"], "model config not found: missing.yaml"),
         (["--compute", "1e20", "--law", "missing.json"], "no fit file missing.json"),
@@ -141,3 +143,33 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     status, out, err = run(capsys, *argv)
     assert status == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("lmforge: error: ") and message in err
+
+
+@pytest.mark.parametrize(
+    "option, content, message",
+    [
+        ("--law", b"{not json", "is not a fit JSON"),
+        ("--law", b"\xff\xfe", "is not a fit JSON"),
+        ("--law", b"[1, 2]", "holds no Chinchilla law (missing E, A, B, alpha, beta): write one with"),
+        ("--law", b'{"E": "x", "A": 1, "B": 1, "alpha": 1, "beta": 1}', "must be numbers"),
+        ("--model-config", b"n_layer: [2", "not a YAML file"),
+        ("--model-config", b"\xff\xfe\x00", "not a YAML file"),
+    ],
+)
+def test_a_damaged_file_is_one_line(option, content, message, tmp_path, capsys):
+    path = tmp_path / "given"
+    path.write_bytes(content)
+    status, out, err = run(capsys, "--compute", "1e20", option, str(path))
+    assert status == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"lmforge: error: {path}") and message in err, err
+
+
+def test_a_bug_in_the_planner_keeps_its_traceback(monkeypatch):
+    import lmforge.scaling.plan as plan_module
+
+    def broken(options):
+        raise ValueError("operands could not be broadcast together")  # our mistake, not the user's
+
+    monkeypatch.setattr(plan_module, "make_plan", broken)
+    with pytest.raises(ValueError, match="broadcast"):
+        main(["plan", "--compute", "1e20"])

@@ -83,3 +83,66 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert main(["scaling", "fit", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no params, loss" in err
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ("params,tokens,loss\n1e6,2e7,3.1\n2e6,4e7,abc\n", "runs.csv:3: loss is 'abc', not a finite number"),
+        ("params,tokens,loss\n1e6,2e7,3.1\n2e6,4e7\n", "runs.csv:3: loss is None, not a finite number"),
+        ("params,tokens,loss\n1e6,2e7,nan\n", "runs.csv:2: loss is 'nan', not a finite number"),
+        ("params,tokens,loss\n1e6,2e7,3.1\n", "needs at least 5 runs, got 1: give more runs"),
+    ],
+)
+def test_bad_rows_of_a_csv_are_one_line(rows, message, tmp_path, capsys):
+    path = tmp_path / "runs.csv"
+    path.write_text(rows)
+    assert main(["scaling", "fit", str(path), "--method", "chinchilla"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_a_csv_that_is_not_text_is_one_line(tmp_path, capsys):
+    path = tmp_path / "runs.csv"
+    path.write_bytes(b"params,tokens,loss\n\xff\xfe,1,2\n")
+    assert main(["scaling", "fit", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a CSV of runs" in err, err
+
+
+def test_fit_options_are_checked_before_the_inputs_are_read(tmp_path, capsys):
+    for argv, message in [
+        (["--compute", "-1"], "--compute must be a positive number of FLOPs, got -1.0"),
+        (["--target-loss", "0"], "--target-loss must be a positive number"),
+        (["--drop-highest", "-2"], "--drop-highest must be ≥ 0"),
+        (["--starts", "0"], "--starts must be ≥ 1"),
+    ]:
+        assert main(["scaling", "fit", str(tmp_path / "not-read.csv"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (argv, err)
+
+
+def test_a_run_folder_has_no_params_axis(tmp_path, capsys):
+    from lmforge.config import save_config
+    from lmforge.model import ModelConfig
+    from lmforge.train.pretrain import PretrainConfig
+
+    run = tmp_path / "r"
+    run.mkdir()
+    save_config(PretrainConfig(model=ModelConfig(vocab_size=64, n_layer=1, d_model=16, n_head=1)), run / "config.yaml")
+    lines = [json.dumps({"step": s, "loss": 3.0 / s}) + "\n" for s in range(1, 9)]
+    run.joinpath("metrics.jsonl").write_text("".join(lines))
+    assert main(["scaling", "fit", str(run), "--x", "params"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--x params is not an axis of a run's loss curve: use one of steps" in err, err
+
+
+def test_a_bug_in_a_fit_keeps_its_traceback(runs_csv, monkeypatch):
+    from lmforge.scaling import fit as fitting
+
+    def broken(*args, **kwargs):
+        raise ValueError("shapes (80,) and (79,) not aligned")  # our mistake, not the user's
+
+    monkeypatch.setattr(fitting, "fit_chinchilla", broken)
+    with pytest.raises(ValueError, match="not aligned"):
+        main(["scaling", "fit", str(runs_csv), "--method", "chinchilla"])
