@@ -58,12 +58,7 @@ def _run_stage(module: str, config: str, args: argparse.Namespace) -> None:
 
     stage = importlib.import_module(f"lmforge.align.{module}")
     cfg = config_from_args(getattr(stage, config), args)
-    try:
-        run_dir = stage.run(cfg)
-    except ValueError as e:  # bad data or options found once the inputs are read: one line
-        from lmforge.config import ConfigError
-
-        raise ConfigError(str(e)) from None
+    run_dir = stage.run(cfg)  # a user's mistake found there is a UserError; any other exception is a bug
     print(f"run folder: {run_dir.path}")
 
 

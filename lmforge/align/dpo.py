@@ -25,7 +25,7 @@ from .lora import LoRAConfig, apply_lora, finish_lora_run
 from .losses import dpo_loss, sequence_logprob
 from .pairs import collate, load_pairs
 from .reward import split_by_prompt
-from .stage import create_run, load_base
+from .stage import check_config, create_run, load_base
 
 
 @dataclass
@@ -69,6 +69,8 @@ class DPOConfig:
             raise ValueError(f"rpo_alpha must be ≥ 0, got {self.rpo_alpha}")
         if self.loss_type not in ("sigmoid", "ipo"):
             raise ValueError(f"loss_type must be sigmoid or ipo, got {self.loss_type!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction is the share of prompts held out, in [0, 1); got {self.val_fraction}")
 
 
 @torch.no_grad()
@@ -103,7 +105,7 @@ def dpo_batch_loss(cfg: DPOConfig, tokenizer, max_len: int):
 
 def run(cfg: DPOConfig) -> RunDir:
     seed_everything(cfg.train.seed)  # before any weights are made: the same seed reproduces the run
-    cfg.validate()
+    check_config(cfg)
     policy, tokenizer, tok_path = load_base(cfg)
     max_len = cfg.max_len or cfg.model.max_seq_len
     train_pairs, val_pairs = split_by_prompt(load_pairs(cfg.data), cfg.val_fraction, cfg.seed)

@@ -23,7 +23,7 @@ from lmforge.train.loop import TrainConfig, Trainer, seed_everything
 from .lora import LoRAConfig, apply_lora, finish_lora_run
 from .losses import group_advantages, kl_k3, masked_mean, token_logprobs
 from .rollout import prompt_pool, rl_train_config, rollout
-from .stage import create_run, frozen_reference, load_base
+from .stage import check_config, check_pool, config_examples, create_run, frozen_reference, load_base
 
 
 @dataclass
@@ -51,6 +51,9 @@ class GRPOConfig:
             raise ValueError(f"a group needs n ≥ 2 samples, got {self.n}")
         if self.iterations < 1 or self.prompts_per_step < 1:
             raise ValueError("iterations and prompts_per_step must be ≥ 1")
+        from lmforge.data.tasks import get_task
+
+        get_task(self.task)  # a bad spec fails here, before the base model loads
 
 
 @dataclass
@@ -88,10 +91,12 @@ def run(cfg: GRPOConfig) -> RunDir:
     from lmforge.data.tasks import get_task
     from lmforge.train.task_eval import evaluate_tasks
 
-    cfg.validate()
-    policy, tokenizer, tok_path = load_base(cfg)
+    check_config(cfg)
     task = get_task(cfg.task)
+    config_examples(task, "heldout", cfg.eval_n, cfg.seed, "eval_n")  # what every eval draws: fail now if too few
     pool = prompt_pool(task, max(cfg.prompts_per_step * cfg.train.steps, 1000), cfg.seed)
+    check_pool(pool, cfg.prompts_per_step, "prompts_per_step", task)
+    policy, tokenizer, tok_path = load_base(cfg)
     reference_logp = frozen_reference(policy, cfg.lora.enabled) if cfg.beta > 0 else None
     if cfg.lora.enabled:
         apply_lora(policy, cfg.lora)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lmforge.config import UserError
 from lmforge.runs import atomic_write_bytes
 
 TARGET_CHOICES = ("wq", "wk", "wv", "wo", "gate", "up", "down")
@@ -105,7 +106,10 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     targets = set(cfg.targets)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[2] in targets]
     if not names:
-        raise ValueError(f"no linear layer named {sorted(targets)} in the model")
+        linears = {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        have = sorted(linears & set(TARGET_CHOICES))
+        raise UserError(f"lora.targets {sorted(targets)} name no linear layer of this model: choose among "
+                        f"{', '.join(have) or 'none'}")  # fmt: skip
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
@@ -162,7 +166,7 @@ def load_adapters(model: nn.Module, path: str | Path) -> LoRAConfig:
     with safe_open(str(path), "pt") as f:
         meta = json.loads((f.metadata() or {}).get("lora", "null") or "null")
     if meta is None:
-        raise ValueError(f"{path} has no LoRA metadata: was it written by save_adapters?")
+        raise UserError(f"{path} has no LoRA metadata: give an adapters.safetensors written by a LoRA run")
     cfg = LoRAConfig(**{**meta, "targets": tuple(meta["targets"])})
     if not any(True for _ in _lora_modules(model)):
         apply_lora(model, cfg)
@@ -170,7 +174,8 @@ def load_adapters(model: nn.Module, path: str | Path) -> LoRAConfig:
     own = lora_state_dict(model)
     missing = sorted(set(own) - set(tensors))
     if missing:
-        raise ValueError(f"{path} lacks adapters for {missing[:3]}: it belongs to another model or targets")
+        raise UserError(f"{path} lacks adapters for {missing[:3]}: it belongs to another model or targets; give "
+                        "the adapters of a LoRA run of this base model")  # fmt: skip
     with torch.no_grad():
         for name, module in _lora_modules(model):
             module.lora_A.copy_(tensors[f"{name}.lora_A"])

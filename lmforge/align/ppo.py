@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.config import ConfigError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.runs import RunDir
 from lmforge.train.loop import TrainConfig, Trainer, seed_everything
@@ -31,7 +32,7 @@ from lmforge.train.loop import TrainConfig, Trainer, seed_everything
 from .lora import LoRAConfig, apply_lora, finish_lora_run
 from .losses import gae, kl_k1, kl_k3, leave_one_out, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
 from .rollout import prompt_pool, rl_train_config, rollout
-from .stage import create_run, frozen_reference, load_base
+from .stage import check_config, check_pool, config_examples, create_run, frozen_reference, load_base
 
 
 class PolicyWithValue(nn.Module):
@@ -110,6 +111,9 @@ class PPOConfig:
             raise ValueError(f"beta must be ≥ 0, got {self.beta}")
         if self.critic not in ("reward_model", "shared"):
             raise ValueError(f"critic must be reward_model or shared, got {self.critic!r}")
+        from lmforge.data.tasks import get_task
+
+        get_task(self.task)  # a bad spec fails here, before any model loads
 
     @property
     def rows_per_rollout(self) -> int:
@@ -184,23 +188,26 @@ def reward_scale(policy, tokenizer, reward_model, pool: list, cfg: PPOConfig, n:
 
 def run(cfg: PPOConfig) -> RunDir:
     seed_everything(cfg.train.seed)  # before any weights are made: the same seed reproduces the run
-    from lmforge.data.tasks import examples, get_task
+    from lmforge.data.tasks import get_task
     from lmforge.train.checkpoint import save_checkpoint
     from lmforge.train.task_eval import greedy_replies
 
     from .reward import load_reward_model, score
 
-    cfg.validate()
-    policy, tokenizer, tok_path = load_base(cfg)
-    reward_model, rm_tokenizer = load_reward_model(cfg.reward_model)
-    if rm_tokenizer.vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"the reward model's tokenizer ({rm_tokenizer.vocab_size} tokens) is not the policy's "
-                         f"({tokenizer.vocab_size}): train it from the same SFT run")  # fmt: skip
-    reward_model.requires_grad_(False)
+    check_config(cfg)
     task = get_task(cfg.task)
+    held = config_examples(task, "heldout", cfg.eval_n, cfg.seed, "eval_n")
     steps_per_rollout = cfg.steps_per_rollout
     n_rollouts = -(-cfg.train.steps // steps_per_rollout)
     pool = prompt_pool(task, max(cfg.prompts_per_rollout * n_rollouts, 1000), cfg.seed)
+    check_pool(pool, cfg.prompts_per_rollout, "prompts_per_rollout", task)
+    policy, tokenizer, tok_path = load_base(cfg)
+    reward_model, rm_tokenizer = load_reward_model(cfg.reward_model)
+    if rm_tokenizer.vocab_size != tokenizer.vocab_size:
+        raise ConfigError(f"reward_model {cfg.reward_model}: its tokenizer ({rm_tokenizer.vocab_size} tokens) is not "
+                          f"the policy's ({tokenizer.vocab_size}): train it from the same SFT run as base",
+                          "reward_model")  # fmt: skip
+    reward_model.requires_grad_(False)
     reference_logp = frozen_reference(policy, cfg.lora.enabled)
     if cfg.lora.enabled:
         apply_lora(policy, cfg.lora)  # the reference is the policy with its adapters off: no second copy
@@ -254,7 +261,6 @@ def run(cfg: PPOConfig) -> RunDir:
         pick = {f: getattr(full, f)[idx] for f in ("rows", "mask", "old_logp", "old_values", "advantages", "returns")}
         return PPOBatch(**pick, metrics=full.metrics)
 
-    held = examples(task, "heldout", cfg.eval_n, seed=cfg.seed)
     held_ids = [tokenizer.render_chat(e.prompt_messages(), add_generation_prompt=True)[0] for e in held]
 
     @torch.no_grad()

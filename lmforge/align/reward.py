@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lmforge.config import ConfigError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.runs import RunDir
 from lmforge.train.loop import TrainConfig, Trainer, seed_everything
 
 from .losses import bradley_terry_loss
 from .pairs import PairBatch, collate, load_pairs, pad, render
-from .stage import create_run, load_base
+from .stage import check_config, create_run, load_base
 
 
 class RewardModel(nn.Module):
@@ -75,12 +76,22 @@ class RewardConfig:
     )
     model: ModelConfig | None = None  # copied from the base run
 
+    def validate(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction is the share of prompts held out, in [0, 1); got {self.val_fraction}")
+
 
 def split_by_prompt(pairs: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) pairs, a `val_fraction` of the prompts held out; refuses a split that leaves nothing to
+    train on (val_fraction 1, or too few prompts for it)."""
     prompts = sorted({p["prompt"] for p in pairs})
     random.Random(seed).shuffle(prompts)
     held = set(prompts[: round(len(prompts) * val_fraction)])
-    return [p for p in pairs if p["prompt"] not in held], [p for p in pairs if p["prompt"] in held]
+    train = [p for p in pairs if p["prompt"] not in held]
+    if not train:
+        raise ConfigError(f"val_fraction={val_fraction:g} holds out all {len(prompts)} prompts of the pairs: lower "
+                          "val_fraction or collect pairs for more prompts", "val_fraction")  # fmt: skip
+    return train, [p for p in pairs if p["prompt"] in held]
 
 
 def pair_loss(margin: float, center: float):
@@ -109,6 +120,7 @@ def pairwise_accuracy(model: RewardModel, tokenizer, pairs: list[dict], max_len:
 
 def run(cfg: RewardConfig) -> RunDir:
     seed_everything(cfg.train.seed)  # before any weights are made: the same seed reproduces the run
+    check_config(cfg)
     if cfg.init:
         model, tokenizer = load_reward_model(cfg.init)
         tok_path, cfg.model = Path(cfg.init) / "tokenizer.json", model.cfg
@@ -117,8 +129,6 @@ def run(cfg: RewardConfig) -> RunDir:
         model = RewardModel(backbone)
     max_len = cfg.max_len or cfg.model.max_seq_len
     train_pairs, val_pairs = split_by_prompt(load_pairs(cfg.data), cfg.val_fraction, cfg.seed)
-    if not train_pairs:
-        raise ValueError(f"no training pairs left after holding out {cfg.val_fraction:.0%} of prompts")
     run_dir = create_run(cfg, tok_path)
     tcfg = cfg.train
 

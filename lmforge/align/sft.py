@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
+from lmforge.config import UserError
 from lmforge.model import ModelConfig
 from lmforge.runs import RunDir
 from lmforge.train.loop import TrainConfig, Trainer, seed_everything
 
 from .lora import LoRAConfig, apply_lora, finish_lora_run
 from .losses import masked_mean, token_logprobs
-from .stage import create_run, load_base
+from .stage import check_config, config_examples, create_run, load_base
 
 
 @dataclass
@@ -53,6 +54,10 @@ class SFTConfig:
     def validate(self) -> None:
         if self.n_train <= 0 or self.n_val < 0:
             raise ValueError(f"n_train must be positive and n_val ≥ 0, got {self.n_train} and {self.n_val}")
+        if self.data.startswith("task:"):
+            from lmforge.data.tasks import get_task
+
+            get_task(self.data.removeprefix("task:"))  # a bad spec fails here, before the base model loads
 
 
 # ---- data -----------------------------------------------------------------------------------------------
@@ -61,11 +66,11 @@ class SFTConfig:
 def conversations(cfg: SFTConfig) -> tuple[list[list[dict]], list[list[dict]]]:
     """(train, val) conversations from a task spec or a JSONL file."""
     if cfg.data.startswith("task:"):
-        from lmforge.data.tasks import examples, get_task
+        from lmforge.data.tasks import get_task
 
         task = get_task(cfg.data.removeprefix("task:"))
-        train = [e.messages() for e in examples(task, "train", cfg.n_train, seed=cfg.seed)]
-        val = [e.messages() for e in examples(task, "heldout", cfg.n_val, seed=cfg.seed)] if cfg.n_val else []
+        train = [e.messages() for e in config_examples(task, "train", cfg.n_train, cfg.seed, "n_train")]
+        val = [e.messages() for e in config_examples(task, "heldout", cfg.n_val, cfg.seed, "n_val")]
         return train, val
     from lmforge.data.chat_jsonl import load_jsonl_messages
 
@@ -73,6 +78,8 @@ def conversations(cfg: SFTConfig) -> tuple[list[list[dict]], list[list[dict]]]:
     if not path.is_file():
         raise FileNotFoundError(f"no SFT data at {path}: give task:SPEC (e.g. task:add:digits=3) or a JSONL file")
     chats = load_jsonl_messages(path)
+    if not chats:
+        raise UserError(f'{path} holds no conversations: give {{"messages": [...]}} lines')
     n_val = min(cfg.n_val, len(chats) // 10)  # keep ≥ 90% for training on small files
     return chats[: len(chats) - n_val], chats[len(chats) - n_val :]
 
@@ -81,7 +88,9 @@ def render(tokenizer, chats: list[list[dict]]) -> list[tuple[list[int], list[int
     return [tokenizer.render_chat(c) for c in chats]
 
 
-def pack(rendered: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int, packing: bool = True):
+def pack(
+    rendered: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int, packing: bool = True, what: str = "the data"
+):
     """Rows of seq_len + 1 tokens and their loss masks, as [M, seq_len + 1] tensors.
 
     Packing concatenates every conversation (each starts with <|bos|>) and cuts the stream into windows, so
@@ -92,8 +101,9 @@ def pack(rendered: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int,
         ids = [t for r in rendered for t in r[0]]
         mask = [m for r in rendered for m in r[1]]
         n = (len(ids) - 1) // seq_len
-        if n == 0:
-            raise ValueError(f"the data has {len(ids)} tokens, fewer than one window of {seq_len + 1}")
+        if n <= 0:
+            raise UserError(f"{what} has {len(ids)} tokens, fewer than one window of {seq_len + 1}: give more "
+                            "conversations, a smaller seq_len, or packing=false")  # fmt: skip
         x = torch.tensor(ids[: n * seq_len + 1])
         m = torch.tensor(mask[: n * seq_len + 1])
         starts = torch.arange(n) * seq_len
@@ -120,12 +130,13 @@ def run(cfg: SFTConfig) -> RunDir:
     seed_everything(cfg.train.seed)  # before any weights are made: the same seed reproduces the run
     from lmforge.train.checkpoint import latest_checkpoint
 
-    cfg.validate()
+    check_config(cfg)
     model, tokenizer, tok_path = load_base(cfg)
     seq_len = cfg.seq_len or cfg.model.max_seq_len
     train_chats, val_chats = conversations(cfg)
     train_rows = pack(render(tokenizer, train_chats), seq_len, tokenizer.pad_id, cfg.packing)
-    val_rows = pack(render(tokenizer, val_chats), seq_len, tokenizer.pad_id, cfg.packing) if val_chats else None
+    val_rows = (pack(render(tokenizer, val_chats), seq_len, tokenizer.pad_id, cfg.packing, "the held-out data (n_val)")
+                if val_chats else None)  # fmt: skip
 
     if cfg.lora.enabled:
         wrapped = apply_lora(model, cfg.lora)

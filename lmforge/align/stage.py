@@ -2,13 +2,40 @@
 
 model, tokenizer, tok_path = load_base(cfg)      # cfg.base: a run folder; sets cfg.model from it
 run_dir = create_run(cfg, tok_path)              # runs/<name>/ with config.yaml and the tokenizer
+check_config(cfg)                                # cfg.validate() for a config built in Python: a ConfigError
+held = config_examples(task, "heldout", cfg.eval_n, cfg.seed, "eval_n")   # too few prompts: a ConfigError
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from lmforge.config import ConfigError
 from lmforge.runs import RunDir, atomic_write_bytes
+
+
+def check_config(cfg) -> None:
+    """`cfg.validate()`, for a config a caller built in Python (`load_config` has run it already): its ValueError
+    is the config's fault, so a one-line ConfigError."""
+    try:
+        cfg.validate()
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def config_examples(task, split: str, n: int, seed: int, key: str) -> list:
+    """`n` examples of a task's split for a count the config sets at `key`: a split with fewer prompts than
+    that is a ConfigError naming the key (its other ValueErrors, a bad split or n < 0, cannot come from a
+    validated config)."""
+    from lmforge.data.tasks import examples
+
+    assert split in ("train", "heldout") and n >= 0, (split, n)  # so the only ValueError left is "too few"
+    try:
+        return examples(task, split, n, seed=seed)
+    except ValueError as e:
+        raise ConfigError(f"{key}={n}: {e}", key) from None
 
 
 def load_base(cfg):
@@ -20,6 +47,13 @@ def load_base(cfg):
     model, tok_path, base_cfg = load_run_model(cfg.base)
     cfg.model = base_cfg.model
     return model, Tokenizer.load(tok_path), Path(tok_path)
+
+
+def check_pool(pool: list, per_step: int, key: str, task) -> None:
+    """A rollout samples `per_step` distinct prompts of the pool: a task with fewer is the config's fault."""
+    if per_step > len(pool):
+        raise ConfigError(f"{key}={per_step}: the train split of {task.spec()} has only {len(pool)} prompts to "
+                          f"sample from: lower {key} or widen the task", key)  # fmt: skip
 
 
 def create_run(cfg, tok_path: Path) -> RunDir:

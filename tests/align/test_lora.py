@@ -101,3 +101,22 @@ def test_bad_configs_are_refused():
         LoRAConfig(targets=("qkv",)).validate()
     with pytest.raises(ValueError, match="rank"):
         LoRAConfig(rank=0).validate()
+
+
+def test_targets_the_model_lacks_and_foreign_adapter_files_are_user_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    from lmforge.config import UserError
+
+    torch.manual_seed(0)
+    gelu = Transformer(ModelConfig(vocab_size=32, max_seq_len=16, n_layer=1, d_model=16, n_head=2, ffn="gelu"))
+    with pytest.raises(UserError, match=r"lora.targets \['gate'\] name no linear layer of this model: choose among"):
+        apply_lora(gelu, LoRAConfig(targets=("gate",)))
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(UserError, match="has no LoRA metadata: give an adapters.safetensors written by a LoRA run"):
+        load_adapters(tiny(), plain)
+    bare = tiny()
+    with pytest.raises(ValueError, match="no LoRA adapters") as bug:  # only our code saves a run's adapters
+        save_adapters(bare, tmp_path / "none.safetensors", LoRAConfig())
+    assert not isinstance(bug.value, UserError)

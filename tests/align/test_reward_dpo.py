@@ -132,3 +132,46 @@ def test_best_of_n_returns_the_sample_the_reward_model_scores_highest(base_run):
     out = rollout(policy, tok, [[{"role": "user", "content": p}] for p in prompts], n=4, max_new_tokens=3, seed=5)
     scores = reward_mod.score(rm, tok, [prompts[i] for i in out.prompt_index], out.texts).view(2, 4)
     assert picks == [out.texts[i * 4 + int(scores[i].argmax())] for i in range(2)]
+
+
+def test_a_bug_in_a_stage_keeps_its_traceback(base_run, monkeypatch):
+    import lmforge.align.dpo as dpo
+    from lmforge.cli import main
+
+    root, base, _, pairs = base_run
+
+    def broken(cfg):
+        raise ValueError("shape '[4, -1]' is invalid for input of size 6")  # our mistake, not the user's
+
+    monkeypatch.setattr(dpo, "run", broken)
+    with pytest.raises(ValueError, match="is invalid for input"):
+        main(["dpo", f"base={base}", f"data={pairs}", f"runs_dir={root / 'runs'}"])
+
+
+def test_holding_out_every_prompt_is_one_line(base_run, tmp_path, capsys):
+    import json
+
+    from lmforge.cli import main
+
+    _, base, _, _ = base_run
+    one_prompt = tmp_path / "one.jsonl"
+    one_prompt.write_text("".join(json.dumps({"prompt": "What is 1 + 1?", "chosen": "2", "rejected": c}) + "\n"
+                                  for c in "345"))  # fmt: skip
+    common = [f"base={base}", f"data={one_prompt}", f"runs_dir={tmp_path / 'runs'}"]
+    for argv, message in [
+        (["dpo", *common, "val_fraction=0.6"], "val_fraction=0.6 holds out all 1 prompts of the pairs: lower"),
+        (["reward", "train", *common, "val_fraction=1"], "val_fraction is the share of prompts held out, in [0, 1)"),
+        (["dpo", *common, "val_fraction=-0.5"], "val_fraction is the share of prompts held out, in [0, 1)"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (argv, err)
+
+
+def test_a_config_built_in_python_is_validated_as_one_line(base_run):
+    from lmforge.align.dpo import run
+    from lmforge.config import ConfigError
+
+    _, base, _, pairs = base_run
+    with pytest.raises(ConfigError, match="beta must be positive"):
+        run(DPOConfig(base=str(base), data=str(pairs), beta=-1.0))

@@ -200,3 +200,35 @@ def test_an_interrupted_ppo_run_resumes_exactly(base_run, monkeypatch):
     assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), sft.parameters()))  # it did train
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+def test_bad_task_settings_are_one_line_before_any_model_loads(tmp_path, capsys):
+    from lmforge.cli import main
+
+    nowhere = [f"base={tmp_path / 'no-base'}", f"runs_dir={tmp_path / 'runs'}"]
+    for argv, message in [
+        (["grpo", *nowhere, "task=nosuch"], "unknown task 'nosuch'"),
+        (["ppo", *nowhere, "task=nosuch"], "unknown task 'nosuch'"),
+        (["grpo", *nowhere, "task=add:digits=1", "eval_n=5000"], "eval_n=5000: add:digits=1: cannot draw"),
+        (["ppo", *nowhere, "task=add:digits=1", "eval_n=5000"], "eval_n=5000: add:digits=1: cannot draw"),
+        (["grpo", *nowhere, "task=add:digits=1", "eval_n=2", "prompts_per_step=500"], "prompts_per_step=500"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (argv, err)
+
+
+def test_a_reward_model_with_another_tokenizer_is_refused(base_run, monkeypatch):
+    from types import SimpleNamespace
+
+    import lmforge.align.reward as reward_module
+    from lmforge.align.ppo import PPOConfig
+    from lmforge.align.ppo import run as ppo_run
+    from lmforge.config import ConfigError
+
+    root, base, _, _ = base_run
+    monkeypatch.setattr(reward_module, "load_reward_model", lambda run: (None, SimpleNamespace(vocab_size=7)))
+    cfg = load_config(PPOConfig, None, [f"base={base}", "reward_model=runs/other-rm", f"runs_dir={root / 'runs'}",
+                                        "task=add:digits=1", "eval_n=2"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"reward_model runs/other-rm: its tokenizer \(7 tokens\) is not the poli"):
+        ppo_run(cfg)

@@ -85,3 +85,35 @@ def test_missing_data_is_a_one_line_error(base_run, capsys):
     assert main(["sft", f"base={base}", f"data={root / 'nope.jsonl'}", f"runs_dir={root / 'runs'}"]) == 2
     assert "no SFT data" in capsys.readouterr().err
     assert SFTConfig  # the dataclass is importable without torch work
+
+
+def test_data_too_small_or_a_bad_task_is_one_line(base_run, tmp_path, capsys):
+    import json
+
+    from lmforge.cli import main
+
+    root, base, _, _ = base_run
+    short = tmp_path / "short.jsonl"
+    chat = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
+    short.write_text(json.dumps({"messages": chat}))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    runs = f"runs_dir={tmp_path / 'runs'}"
+    for argv, message in [
+        ([f"base={base}", f"data={short}"], "fewer than one window of 33: give more conversations, a smaller seq_len"),
+        ([f"base={base}", f"data={empty}"], "holds no conversations"),
+        ([f"base={base}", "data=task:add:digits=1", "n_train=5000"], "n_train=5000: add:digits=1: cannot draw"),
+        ([f"base={tmp_path / 'no-base'}", "data=task:nosuch"], "unknown task 'nosuch'"),  # before the base loads
+    ]:
+        assert main(["sft", *argv, runs]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (argv, err)
+
+
+def test_a_config_built_in_python_is_validated_as_one_line(base_run):
+    from lmforge.align.sft import run
+    from lmforge.config import ConfigError
+
+    _, base, _, _ = base_run
+    with pytest.raises(ConfigError, match="n_train must be positive"):
+        run(SFTConfig(base=str(base), n_train=0))
