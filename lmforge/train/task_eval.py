@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from typing import NamedTuple
 
+from lmforge.config import UserError
 from lmforge.data.tasks import Split, Task, exact_match_interval, examples, get_task
 from lmforge.tokenizer import END
 
@@ -40,6 +41,7 @@ def greedy_replies(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
     """Greedy replies to token-id prompts, in order, batched by the engine (at most `batch_size` at a time)."""
     from tqdm.auto import tqdm
 
+    from lmforge.infer.context import context_limit
     from lmforge.infer.engine import Engine
     from lmforge.infer.sampling import SamplingParams
 
@@ -47,14 +49,13 @@ def greedy_replies(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
         return []
     cfg = model.cfg
     stops = (tokenizer.token_to_id(END), tokenizer.eos_id)
+    limit = context_limit(cfg)  # learned positions or unscaled RoPE: none past the trained length
     params = []
     for ids in prompts:
-        budget = max_new_tokens
-        if cfg.position == "learned":  # no positions past the table: the reply gets what is left
-            budget = min(budget, cfg.max_seq_len - len(ids))
+        budget = max_new_tokens if limit is None else min(max_new_tokens, limit - len(ids))  # what is left
         if budget < 1:
-            raise ValueError(f"a prompt of {len(ids)} tokens leaves no room to reply in the model's "
-                             f"{cfg.max_seq_len} positions")  # fmt: skip
+            raise UserError(f"a prompt of {len(ids)} tokens leaves no room to reply in the model's "
+                            f"{limit} positions")  # fmt: skip
         params.append(SamplingParams(max_new_tokens=budget, temperature=0, seed=0, stop_ids=stops))
     # KV blocks for `batch_size` sequences of the longest length, rather than the engine's default of a
     # fixed number of GiB: a tiny model would otherwise allocate gigabytes it never touches.
