@@ -245,3 +245,14 @@ def test_damaged_prepared_data_is_one_line(damage, data, tmp_path, capsys):
         (copy / "meta.json").write_text('{"dtype": "uint16", "train": 5}')
     assert pretrain(copy, tmp_path / "runs", "name=x", "train.steps=1") == 2
     assert "lmforge prepare" in one_line(capsys.readouterr().err)
+
+
+def test_a_damaged_newest_checkpoint_is_reported_once_per_command(data, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert pretrain(data, runs, "name=d", "train.steps=4", "train.checkpoint_every=2") in (0, None)
+    weights = runs / "d" / "checkpoints" / "step_000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["sample", str(runs / "d"), "--max-new-tokens", "3"]) in (0, None)
+    err = capsys.readouterr().err
+    assert err.count("skipped checkpoint step_000004") == 1 and "using" in err
