@@ -162,13 +162,8 @@ def _note_unverified(path: Path) -> None:
         _say(f"lmforge: checkpoint {path} has no checksums (saved by an older lmforge): loading it unverified")
 
 
-_SAID: set[str] = set()
-
-
 def _say(line: str) -> None:
-    """One line on stderr, once per process (a run folder is looked at more than once per command)."""
-    if line not in _SAID and (not _distributed() or torch.distributed.get_rank() == 0):
-        _SAID.add(line)
+    if not _distributed() or torch.distributed.get_rank() == 0:
         print(line, file=sys.stderr, flush=True)
 
 
