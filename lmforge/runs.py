@@ -314,7 +314,12 @@ class Stopped(Exception):
         super().__init__(f"{name} at step {step}: checkpoint saved; continue with --resume (name={path.name})")
 
 
-def resume_config(cls: type[T], fresh: T, overrides: Sequence[str], frozen: Sequence[str] = ("model",)) -> T:
+# What a resumed run cannot change: the checkpoint holds weights of that shape (the model, LoRA adapters) trained
+# from that starting point against that reference (the base run).
+FROZEN_ON_RESUME = ("model", "lora", "base", "init")
+
+
+def resume_config(cls: type[T], fresh: T, overrides: Sequence[str], frozen: Sequence[str] = FROZEN_ON_RESUME) -> T:
     """The config a resumed run continues with: the run's own config.yaml plus only the overrides given now.
 
     `fresh` is the config built from --config and the overrides; it names the run (runs_dir/name). A run
@@ -331,13 +336,13 @@ def resume_config(cls: type[T], fresh: T, overrides: Sequence[str], frozen: Sequ
     saved = load_config(cls, path)
     resumed = load_config(cls, path, overrides)
     for section in (s for s in frozen if hasattr(saved, s)):
-        before, after = _flat(to_dict(getattr(saved, section))), _flat(to_dict(getattr(resumed, section)))
+        before, after = _flat({section: to_dict(saved)[section]}), _flat({section: to_dict(resumed)[section]})
         changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
         if changed:
             key = changed[0]
             raise ConfigError(
-                f"--resume cannot change the architecture: {section}.{key} is {before.get(key)!r} in {path}, "
-                f"the override asks for {after.get(key)!r}; start a new run (another name=) to train another model"
+                f"--resume cannot change what the checkpoint was trained as: {key} is {before.get(key)!r} in "
+                f"{path}, the override asks for {after.get(key)!r}; start a new run (another name=) instead"
             )
     resumed.resume = True
     return resumed

@@ -117,3 +117,19 @@ def test_a_config_built_in_python_is_validated_as_one_line(base_run):
     _, base, _, _ = base_run
     with pytest.raises(ConfigError, match="n_train must be positive"):
         run(SFTConfig(base=str(base), n_train=0))
+
+
+def test_resume_refuses_to_turn_lora_on_or_change_the_base_in_one_line(base_run, tmp_path, capsys):
+    from lmforge.cli import main
+
+    root, base, chats, _ = base_run
+    common = [f"runs_dir={tmp_path}", "name=s", "train.progress=false", "train.precision=fp32"]
+    assert main(["sft", f"base={base}", f"data={chats}", "train.steps=2", "train.batch_size=2", *common]) in (0, None)
+    config = (tmp_path / "s" / "config.yaml").read_bytes()
+    for change, key in (("lora.enabled=true", "lora.enabled"), (f"base={root}", "base")):
+        capsys.readouterr()
+        assert main(["sft", *common, "--resume", change]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"cannot change what the checkpoint was trained as: {key}" in err
+    assert (tmp_path / "s" / "config.yaml").read_bytes() == config
+    assert main(["sft", *common, "--resume", "train.steps=3"]) in (0, None)  # more steps: fine

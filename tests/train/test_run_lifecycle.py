@@ -74,7 +74,7 @@ def test_resume_refuses_a_change_of_architecture_and_leaves_the_run_as_it_was(da
     capsys.readouterr()
     assert pretrain(data, runs, "name=mine", "--resume", "model.n_layer=2") == 2
     err = one_line(capsys.readouterr().err)
-    assert "cannot change the architecture" in err and "model.n_layer" in err
+    assert "cannot change what the checkpoint was trained as" in err and "model.n_layer" in err
     assert {p.relative_to(runs): p.read_bytes() for p in runs.rglob("*") if p.is_file()} == before
 
 
