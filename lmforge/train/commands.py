@@ -22,6 +22,14 @@ def pretrain(args: argparse.Namespace) -> None:
     print(f"run folder: {run_dir.path}")
 
 
+def _count(text: str) -> int:
+    """argparse type of a count that may be 0: a negative one is refused with the option's name."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value}")
+    return value
+
+
 def _run_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "run", help="run folder (runs/demo), one of its checkpoints (runs/demo/checkpoints/step_000720) or an HF folder"
@@ -53,7 +61,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
     _run_arg(p)
     p.add_argument("--data", default=None, help="prepared data folder (default: the run's own)")
-    p.add_argument("--batches", type=int, default=0, help="val batches to use (default 0: the whole split)")
+    p.add_argument("--batches", type=_count, default=0, help="val batches to use (default 0: the whole split)")
     p.add_argument("--tasks", default=None, metavar="SPECS",
                    help="exact match on verifiable tasks instead of val loss, comma-separated specs, e.g. "
                         f"add:digits=3,reverse; tasks: {', '.join(available_tasks())}")  # fmt: skip

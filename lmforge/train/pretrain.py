@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmforge.config import ConfigError
+from lmforge.config import ConfigError, UserError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.runs import RunDir, atomic_write_bytes
 
@@ -61,7 +61,12 @@ def evaluate_lm(model, data, *, seq_len: int, batch_size: int, max_batches: int 
         total, count = total + loss.item(), count + y.numel()
     from .distributed import mean
 
-    loss = mean(total / max(count, 1), env)
+    if count == 0:  # a loss of 0 over no tokens would read as a perfect model
+        raise UserError(
+            f"the val split of {data.folder} ({len(data.val)} tokens) holds no window of {seq_len + 1} tokens: "
+            "prepare more data or a larger --val-fraction, or use a smaller model.max_seq_len"
+        )
+    loss = mean(total / count, env)
     return {"val_loss": loss, "val_bpb": loss / math.log(2) / data.bytes_per_token("val")}
 
 
@@ -83,6 +88,12 @@ def run(cfg: PretrainConfig) -> RunDir:
 
     seed_everything(cfg.train.seed)
     data = TokenData(cfg.data)
+    for split in ("train", "val"):  # before the run folder exists: a refused run leaves nothing behind
+        if len(getattr(data, split)) <= cfg.model.max_seq_len:
+            raise UserError(
+                f"the {split} split of {cfg.data} has {len(getattr(data, split))} tokens, fewer than one window of "
+                f"model.max_seq_len + 1 = {cfg.model.max_seq_len + 1}: use more data or a smaller model.max_seq_len"
+            )
     env = environment()
     model = build_model(cfg, data)
     seq_len, tcfg = cfg.model.max_seq_len, cfg.train

@@ -256,3 +256,27 @@ def test_a_damaged_newest_checkpoint_is_reported_once_per_command(data, tmp_path
     assert main(["sample", str(runs / "d"), "--max-new-tokens", "3"]) in (0, None)
     err = capsys.readouterr().err
     assert err.count("skipped checkpoint step_000004") == 1 and "using" in err
+
+
+def test_a_window_longer_than_the_data_is_refused_before_the_run_folder_is_made(data, tmp_path, capsys):
+    assert pretrain(data, tmp_path, "name=w", "model.max_seq_len=100000") == 2
+    assert "fewer than one window" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "w").exists()
+
+
+def test_eval_of_no_window_or_a_negative_batch_count_is_an_error_not_a_zero_loss(data, tmp_path, capsys):
+    import shutil
+
+    assert pretrain(data, tmp_path, "name=e", "train.steps=1") in (0, None)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:  # argparse: usage line and exit 2
+        main(["eval", str(tmp_path / "e"), "--batches", "-1"])
+    assert stop.value.code == 2 and "--batches: must be ≥ 0" in capsys.readouterr().err
+    small = tmp_path / "small"
+    shutil.copytree(data, small)
+    meta = json.loads((small / "meta.json").read_text())
+    meta["val"]["tokens"] = 20  # a val split shorter than one window of 33 tokens
+    (small / "meta.json").write_text(json.dumps(meta))
+    (small / "val.bin").write_bytes((small / "val.bin").read_bytes()[:40])
+    assert main(["eval", str(tmp_path / "e"), "--data", str(small)]) == 2
+    assert "holds no window" in one_line(capsys.readouterr().err)
