@@ -208,8 +208,8 @@ class RunDir:
             if resume and not existing:
                 print(f"{path} holds no run yet: starting it (nothing to resume)", file=sys.stderr)
             path.mkdir(parents=True, exist_ok=True)
-        _lock(path)
         run = cls(path, resumed=existing and resume)
+        _lock(run)
         run._pending_config = config
         if config is not None and not run.resumed:
             run.save_config()
@@ -358,28 +358,42 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-_LOCKS: dict[Path, int] = {}
+_LOCKS: dict[Path, list[int]] = {}  # run folder -> [fd holding its flock, RunDir objects using it]
 
 
-def _lock(path: Path) -> None:
-    """Hold an exclusive flock on the run folder until this process exits (the kernel drops it with the
-    process, however it dies: no stale PID file to clean up). Re-entrant within one process."""
-    key = path.resolve()
-    if key in _LOCKS:
+def _lock(run: RunDir) -> None:
+    """Hold an exclusive flock on the run folder while a RunDir made by `create` for it is alive (the kernel
+    drops it with the process, however it dies: no stale PID file to clean up). Re-entrant within a process:
+    every RunDir of one folder shares one lock, released when the last is garbage collected."""
+    import weakref
+
+    key = run.path.resolve()
+    if key not in _LOCKS:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; a second writer is not detected there
+            return
+        fd = os.open(key, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(
+                f"run folder {run.path} is in use by another lmforge process; wait for it to finish (or stop it) first"
+            ) from None
+        _LOCKS[key] = [fd, 0]
+    _LOCKS[key][1] += 1
+    weakref.finalize(run, _unlock, key)
+
+
+def _unlock(key: Path) -> None:
+    entry = _LOCKS.get(key)
+    if entry is None:
         return
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; a second writer is not detected there
-        return
-    fd = os.open(key, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UserError(
-            f"run folder {path} is in use by another lmforge process; wait for it to finish (or stop it) first"
-        ) from None
-    _LOCKS[key] = fd
+    entry[1] -= 1
+    if entry[1] == 0:
+        del _LOCKS[key]
+        os.close(entry[0])  # closing the last descriptor releases the flock
 
 
 def _finite_or_none(value: Any) -> Any:

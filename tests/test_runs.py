@@ -164,3 +164,27 @@ def test_read_metrics_skips_a_torn_last_line_only(tmp_path):
     path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
     with pytest.raises(ValueError, match=":2:"):
         read_metrics(path)
+
+
+def test_the_run_folder_lock_is_held_while_its_rundir_lives_and_released_after(tmp_path):
+    import gc
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from lmforge.runs import RunDir\n"
+        "try:\n    RunDir.create(sys.argv[1], 'r', resume=True)\nexcept ValueError:\n    sys.exit(3)\n"
+    )
+
+    def other_process_can_write() -> bool:
+        return subprocess.run([sys.executable, "-c", probe, str(tmp_path)], timeout=60).returncode == 0
+
+    run = RunDir.create(tmp_path, "r", config=Cfg())
+    again = RunDir.create(tmp_path, "r", resume=True)  # the same process: shares the lock
+    assert not other_process_can_write()
+    del run
+    gc.collect()
+    assert not other_process_can_write()  # `again` still holds it
+    del again
+    gc.collect()
+    assert other_process_can_write()
