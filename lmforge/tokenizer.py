@@ -298,6 +298,15 @@ class Tokenizer:
                 "`lmforge prepare`"
             ) from None
 
+    def fingerprint(self) -> str:
+        """sha256 of the id → token table (added tokens included). Two tokenizers with one fingerprint mean the
+        same token by every id, whatever their files look like (pretty-printed or not, other metadata): the test
+        of whether ids made by one can be read by a model of the other (a draft, a reward model, eval data)."""
+        import hashlib
+
+        table = sorted((i, t) for t, i in self.hf.get_vocab(with_added_tokens=True).items())
+        return hashlib.sha256(json.dumps(table, ensure_ascii=False).encode()).hexdigest()
+
     def __repr__(self) -> str:
         digits = ", split_digits" if self.split_digits else ""
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}{digits})"

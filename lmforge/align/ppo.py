@@ -203,7 +203,7 @@ def run(cfg: PPOConfig) -> RunDir:
     check_pool(pool, cfg.prompts_per_rollout, "prompts_per_rollout", task)
     policy, tokenizer, tok_path = load_base(cfg)
     reward_model, rm_tokenizer = load_reward_model(cfg.reward_model)
-    if rm_tokenizer.vocab_size != tokenizer.vocab_size:
+    if rm_tokenizer.fingerprint() != tokenizer.fingerprint():
         raise ConfigError(f"reward_model {cfg.reward_model}: its tokenizer ({rm_tokenizer.vocab_size} tokens) is not "
                           f"the policy's ({tokenizer.vocab_size}): train it from the same SFT run as base",
                           "reward_model")  # fmt: skip

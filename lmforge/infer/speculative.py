@@ -21,8 +21,6 @@ which is fed (with the drafts) at the start of the next verify forward; the firs
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
 import torch
@@ -94,19 +92,10 @@ def lookup_draft(tokens: list[int], gamma: int, max_ngram: int, min_ngram: int =
     return []
 
 
-def vocabulary_fingerprint(tokenizer) -> str:
-    """sha256 of a tokenizer's id → token table (added tokens included). Draft and target exchange token ids
-    only, so two tokenizers with the same fingerprint are interchangeable for speculation whatever their files
-    look like (pretty-printed or not, other normalizer metadata)."""
-    vocab = getattr(tokenizer, "hf", tokenizer).get_vocab(with_added_tokens=True)
-    table = sorted((i, t) for t, i in vocab.items())
-    return hashlib.sha256(json.dumps(table, ensure_ascii=False).encode()).hexdigest()
-
-
 def check_same_tokenizer(target_tokenizer, draft_tokenizer, draft: str = "the draft model") -> None:
     """Refuse a draft whose token ids mean other tokens than the target's: its drafts would be judged as other
     text, accepted at random and never speed anything up (and a vocabulary past the target's is an index error)."""
-    if vocabulary_fingerprint(target_tokenizer) == vocabulary_fingerprint(draft_tokenizer):
+    if target_tokenizer.fingerprint() == draft_tokenizer.fingerprint():
         return
     a, b = (getattr(t, "hf", t).get_vocab(with_added_tokens=True) for t in (target_tokenizer, draft_tokenizer))
     moved = len(set(a.items()) ^ set(b.items())) // 2

@@ -89,23 +89,17 @@ def evaluate(args: argparse.Namespace) -> None:
 
 
 def _check_same_tokenizer(run: str, data: str) -> None:
-    """Refuse, before the model loads, val data tokenized by another tokenizer than the run's: its loss would
-    be a number about other token ids, meaningless. Compared by the tokenizers' content (key order aside)."""
+    """Refuse, before the model loads, val data whose token ids mean other tokens than the run's tokenizer
+    gives them: its loss would be about other text, a meaningless figure."""
     from pathlib import Path
 
     from lmforge.config import ConfigError
+    from lmforge.tokenizer import Tokenizer
 
     ours, theirs = Path(run) / "tokenizer.json", Path(data) / "tokenizer.json"
     if not (ours.is_file() and theirs.is_file()):
         return  # a missing file is the loaders' error to report, with their message
-
-    def content(path: Path) -> object:
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            return path.read_bytes()
-
-    if content(ours) != content(theirs):
+    if Tokenizer.load(ours).fingerprint() != Tokenizer.load(theirs).fingerprint():
         raise ConfigError(
             f"--data {data} was tokenized with another tokenizer than {run}; prepare it with the run's "
             f"(lmforge prepare --tokenizer {ours}) or drop --data to use the run's own val split"

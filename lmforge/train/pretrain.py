@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from lmforge.config import ConfigError, UserError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.runs import RunDir, atomic_write_bytes
+from lmforge.tokenizer import Tokenizer
 
 from .loop import TrainConfig, Trainer, seed_everything
 
@@ -102,15 +103,18 @@ def run(cfg: PretrainConfig) -> RunDir:
         if env.rank == 0
         else RunDir(Path(cfg.runs_dir) / (cfg.name or "unnamed"))
     )
-    tokenizer = Path(data.tokenizer_path).read_bytes()
     own = run_dir.path / "tokenizer.json"
-    if run_dir.resumed and own.is_file() and own.read_bytes() != tokenizer:
+    if (
+        run_dir.resumed
+        and own.is_file()
+        and Tokenizer.load(own).fingerprint() != Tokenizer.load(data.tokenizer_path).fingerprint()
+    ):
         raise ConfigError(
             f"data={cfg.data} was tokenized with another tokenizer than run {run_dir.path}; "
             "resume it on data prepared with the run's tokenizer (lmforge prepare --tokenizer RUN/tokenizer.json)"
         )
     if env.rank == 0:  # the run carries its tokenizer, so sample/eval/export need only the run folder
-        atomic_write_bytes(own, tokenizer)
+        atomic_write_bytes(own, Path(data.tokenizer_path).read_bytes())
 
     def batch_fn(step: int, micro: int, n_micro: int):
         x, y = sample_batch(

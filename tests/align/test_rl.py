@@ -227,7 +227,8 @@ def test_a_reward_model_with_another_tokenizer_is_refused(base_run, monkeypatch)
     from lmforge.config import ConfigError
 
     root, base, _, _ = base_run
-    monkeypatch.setattr(reward_module, "load_reward_model", lambda run: (None, SimpleNamespace(vocab_size=7)))
+    other = SimpleNamespace(vocab_size=7, fingerprint=lambda: "another vocabulary")
+    monkeypatch.setattr(reward_module, "load_reward_model", lambda run: (None, other))
     cfg = load_config(PPOConfig, None, [f"base={base}", "reward_model=runs/other-rm", f"runs_dir={root / 'runs'}",
                                         "task=add:digits=1", "eval_n=2"])  # fmt: skip
     with pytest.raises(ConfigError, match=r"reward_model runs/other-rm: its tokenizer \(7 tokens\) is not the poli"):

@@ -262,12 +262,12 @@ def test_refuses_what_it_cannot_do(target, draft):
 
 def test_draft_tokenizer_check_compares_vocabularies(tmp_path):
     from lmforge.config import UserError
-    from lmforge.infer.speculative import check_same_tokenizer, vocabulary_fingerprint
+    from lmforge.infer.speculative import check_same_tokenizer
     from lmforge.tokenizer import Tokenizer
 
     tok = Tokenizer.train_char(["abc"])
     reloaded = Tokenizer.load(tok.save(tmp_path))  # pretty-printed file, same table
-    assert vocabulary_fingerprint(tok) == vocabulary_fingerprint(reloaded)
+    assert tok.fingerprint() == reloaded.fingerprint()
     check_same_tokenizer(tok, reloaded)
     with pytest.raises(UserError, match="must share the target's tokenizer"):
         check_same_tokenizer(tok, Tokenizer.train_char(["abd"]))
