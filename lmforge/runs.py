@@ -53,6 +53,7 @@ __all__ = [
     "atomic_open",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_output_folder",
     "count_write",
     "fsync_dir",
     "read_metrics",
@@ -109,6 +110,18 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str = "utf-8") -> I
             tmp.unlink()
         raise
     fsync_dir(path.parent)
+
+
+def check_output_folder(path: str | Path, overwrite: bool, *, option: str = "--out", flag: str = "--overwrite") -> Path:
+    """Never destroy what a user has: refuse a target that is a file, or a folder that holds anything, unless
+    `overwrite` (after which the writer replaces only its own files). `option`/`flag` name them in the message."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{option} {path} is a file, not a folder: choose another {option}")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{option} {path} is not empty: pass {flag} to replace the files written there "
+                              f"(other files are kept), or choose another {option}")  # fmt: skip
+    return path
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

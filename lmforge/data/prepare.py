@@ -37,7 +37,7 @@ from typing import Literal
 
 from lmforge.config import ConfigError, to_dict
 from lmforge.data.sources import Document, SourceError, SourceStats, iter_documents
-from lmforge.runs import atomic_open, atomic_write_text
+from lmforge.runs import atomic_open, atomic_write_text, check_output_folder
 
 __all__ = ["PrepareConfig", "default_out", "run", "source_hash", "split_by_group", "train_tokenizer"]
 
@@ -117,11 +117,7 @@ def run(cfg: PrepareConfig, *, progress: bool | None = None) -> Path:
     `progress`: show a progress bar (None: only on a terminal).
     """
     cfg.validate()
-    out = cfg.out_dir
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder; choose another out")
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise FileExistsError(f"{out} already holds files; pass --overwrite (overwrite=true) or another out")
+    out = check_output_folder(cfg.out_dir, cfg.overwrite, option="prepare --out", flag="--overwrite (overwrite=true)")
     start = time.perf_counter()
     stats = SourceStats()
     docs = list(iter_documents(cfg.source, stats))
@@ -285,10 +281,7 @@ def _check_tokenizer_out(out: Path, overwrite: bool) -> None:
         if taken and not overwrite:
             raise FileExistsError(f"{taken[0]} exists; pass --overwrite to replace it, or choose another --out")
         return
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder; choose another --out (a folder or a .json path)")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} already holds files; pass --overwrite to replace its tokenizer, or another --out")
+    check_output_folder(out, overwrite, option="tokenizer train --out")
 
 
 def source_hash(docs: Iterable[Document]) -> str:

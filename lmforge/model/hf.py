@@ -424,14 +424,9 @@ def save_hf(
     anything else in it (a README, a checkpoints/ folder) stays. Everything is first written to a temporary
     folder beside `folder`, and each file is then renamed into place, so a crash while writing leaves
     `folder` as it was, and every file in it is always a complete old or new version."""
-    from lmforge.runs import count_write, fsync_dir
+    from lmforge.runs import check_output_folder, count_write, fsync_dir
 
-    folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
-        raise FileExistsError(f"{folder} exists and is not empty: pass overwrite=True to replace the files "
-                              "save_hf writes there (other files are kept), or choose another folder")  # fmt: skip
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{folder} exists and is not a folder; choose another folder")
+    folder = check_output_folder(folder, overwrite, option="folder", flag="overwrite=True")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

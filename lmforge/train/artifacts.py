@@ -146,14 +146,10 @@ def export(run: str | Path, to: str, out: str | Path, *, overwrite: bool = False
     else in `out` stays), each through a temporary folder beside `out` and a rename (`save_hf`)."""
     if to != "hf":
         raise ConfigError(f"export --to {to!r}: only 'hf' is supported")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"export --out {out} is a file, not a folder: choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"export --out {out} is not empty: pass --overwrite to replace the files export "
-                              "writes there (other files are kept), or choose another --out")  # fmt: skip
     from lmforge.model.hf import save_hf
-    from lmforge.runs import atomic_write_text
+    from lmforge.runs import atomic_write_text, check_output_folder
+
+    out = check_output_folder(out, overwrite, option="export --out")
     from lmforge.tokenizer import Tokenizer
 
     model, tok_path, _ = load_run_model(run)
