@@ -44,6 +44,7 @@ def load_run_model(
     run_dir = RunDir.open(path)
     config = pretrain_view(run_dir)
     model = build(config.model)
+    verified = ckpt is None and step is None  # latest_checkpoint hashes every file of the one it returns
     if ckpt is None:
         ckpt = run_dir.checkpoints / f"step_{step:06d}" if step is not None else latest_checkpoint(run_dir.checkpoints)
     if ckpt is None:
@@ -53,7 +54,7 @@ def load_run_model(
         have = ", ".join(p.name for p in checkpoint_dirs(run_dir.checkpoints)) or "none"
         raise FileNotFoundError(f"{ckpt} is not a checkpoint of {run_dir.path} (it has: {have})")
     try:
-        load_weights(ckpt, model)
+        load_weights(ckpt, model, verified=verified)
     except RuntimeError as e:  # the run holds another kind of model: say which, in one line
         raise ConfigError(_other_model(run_dir.path, model, str(e))) from None
     model.eval()
@@ -148,9 +149,9 @@ def export(run: str | Path, to: str, out: str | Path, *, overwrite: bool = False
         raise ConfigError(f"export --to {to!r}: only 'hf' is supported")
     from lmforge.model.hf import save_hf
     from lmforge.runs import atomic_write_text, check_output_folder
+    from lmforge.tokenizer import Tokenizer
 
     out = check_output_folder(out, overwrite, option="export --out")
-    from lmforge.tokenizer import Tokenizer
 
     model, tok_path, _ = load_run_model(run)
     tok = Tokenizer.load(tok_path)

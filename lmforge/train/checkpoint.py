@@ -141,9 +141,10 @@ def _file_records(folder: Path) -> dict[str, dict[str, Any]]:
     return {f.relative_to(folder).as_posix(): {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}
 
 
-def _require_intact(path: Path) -> dict[str, Any]:
-    """info.json of a checkpoint a caller chose, after verifying it (one line on stderr if it has no checksums)."""
-    problem = verify_checkpoint(path)
+def _require_intact(path: Path, verified: bool) -> dict[str, Any]:
+    """info.json of a checkpoint, after verifying it unless `verified` (latest_checkpoint just did: hashing a
+    large checkpoint twice doubles the time to load it); one line on stderr if it has no checksums."""
+    problem = None if verified else verify_checkpoint(path)
     if problem is not None:
         raise UserError(f"checkpoint {path} is damaged: {problem}; use an earlier checkpoint of the run")
     info = json.loads((path / INFO).read_text())
@@ -208,13 +209,13 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, model: torch.nn.Module, *, verified: bool = False) -> dict[str, Any]:
     """Load weights into `model` and return the trainer state saved beside them: for resuming a run from its
     own checkpoint, verified against the checksums its info.json records. The trainer state is read with
     `torch.load(weights_only=True)`; a sharded checkpoint's DCP state (whose .metadata is a pickle) is read
-    only when its checksums were recorded."""
+    only when its checksums were recorded. `verified`: `path` comes from `latest_checkpoint`, which verified it."""
     path = Path(path)
-    info = _require_intact(path)
+    info = _require_intact(path, verified)
     if info.get("sharded"):
         if "files" not in info:
             raise UserError(f"{path} is a sharded checkpoint saved before lmforge recorded checksums: its DCP "
@@ -226,7 +227,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
     return state
 
 
-def load_weights(path: str | Path, model: torch.nn.Module) -> None:
+def load_weights(path: str | Path, model: torch.nn.Module, *, verified: bool = False) -> None:
     """Weights only (for sampling, eval, export, a later stage's base), from `model.safetensors` only: a path a
     user points at is never unpickled, and DCP's `.metadata` is a pickle, so a sharded checkpoint is read
     through the `model.safetensors` that rank 0 gathers beside its shards (see `_save_sharded`)."""
@@ -235,8 +236,8 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> None:
     if not weights.is_file():
         raise UserError(f"no {WEIGHTS} in {path}: lmforge loads weights from safetensors only (never from a "
                         "pickle such as DCP's .metadata); point at a checkpoint or run that has one")  # fmt: skip
-    records = _recorded(path)
-    if WEIGHTS in records and (problem := _check_file(weights, records[WEIGHTS])):
+    records = _recorded(path)  # `verified`: latest_checkpoint checked every file a moment ago
+    if not verified and WEIGHTS in records and (problem := _check_file(weights, records[WEIGHTS])):
         raise UserError(f"{weights} {problem}; use an earlier checkpoint of the run")
     if not records:
         _note_unverified(path)

@@ -188,7 +188,7 @@ class Trainer:
             if self.run.resumed:
                 self._log(f"--resume: {self.run.path} has no checkpoint yet, so training starts from step 0")
             return
-        state = load_checkpoint(path, self.raw_model)
+        state = load_checkpoint(path, self.raw_model, verified=True)  # latest_checkpoint verified it
         if "sharded_path" in state:
             apply_sharded(state["sharded_path"], self.model, self.optimizer)
         else:
