@@ -7,14 +7,14 @@ with autograd on go to `F.linear` as before.
 
     model = optimize_for_decode(model)        # in place; returns the model (unchanged where kernels are missing)
 
-Each attention layer also reads its q, k and v weights in one kernel call (`FusedProjections`), with no copy of
-them: one parallel region and one Python call instead of three, ~24 fewer per GPT-2 step.
+Each attention layer becomes a `FusedAttention`, which reads its q, k and v weights in one kernel call, with no
+copy of them: one parallel region and one Python call instead of three, ~24 fewer per GPT-2 step.
 
-A batch-1 step of a few tokens (a decode step, a speculative verification) goes further: `FusedDecode` (set on
-`Transformer.fused_decode`) runs every layer in one C call (`kernels/layer.c`): norms, q/k/v, rotary, the cache
-write, attention, the feed-forward and the residual adds run between the GEMVs without returning to Python. The
-GEMVs are most of a step's time; the ~40 torch ops a layer runs around them cost ~20% more on a 2-core CPU. The
-model runs its blocks as usual whenever the hook returns None. It applies when:
+A batch-1 step of a few tokens (a decode step, a speculative verification) goes further: the model's `Blocks`
+become `FusedBlocks`, whose `FusedDecode` runs every layer in one C call (`kernels/layer.c`): norms, q/k/v,
+rotary, the cache write, attention, the feed-forward and the residual adds run between the GEMVs without
+returning to Python. The GEMVs are most of a step's time; the ~40 torch ops a layer runs around them cost ~20%
+more on a 2-core CPU. The blocks run one by one as usual wherever it does not apply. It applies when:
 
 - the step is batch 1, 1 to `kernels.MAX_ROWS` new tokens at the positions after the cached ones, fp32
   activations, autograd off, the model in eval mode;
@@ -24,7 +24,9 @@ model runs its blocks as usual whenever the hook returns None. It applies when:
 - every projection is an fp32 `nn.Linear` (or `DecodeLinear`), a `BF16Linear` or an `Int8Linear` (q, k and v
   of one dtype; gate and up of one dtype), with d_model, d_ff and head_dim multiples of 8.
 
-Anything else (a LoRA-wrapped or W8A8 layer, a paged cache, a batch) takes the module-by-module path. The layer
+Anything else (a LoRA-wrapped or W8A8 layer, a paged cache, a batch) takes the module-by-module path. Each swap
+is a subclass of the model's module holding the same children and parameters: the model itself has no hooks
+and knows nothing of this file. The layer
 descriptions hold addresses, remade whenever a weight's or the cache's storage changes (`.to()`, a new layer).
 """
 
@@ -37,9 +39,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.infer import kernels
+from lmforge.infer.kv_cache import ContiguousKVCache
 from lmforge.infer.quantize import BF16Linear, Int8Linear
-from lmforge.model.attention import Attention
+from lmforge.model.attention import Attention, AttentionContext
 from lmforge.model.layers import MLP, RMSNorm, SwiGLU
+from lmforge.model.transformer import Blocks
 
 
 class DecodeLinear(nn.Linear):
@@ -61,41 +65,62 @@ class DecodeLinear(nn.Linear):
         return F.linear(x, weight, bias)
 
 
-class FusedProjections:
-    """Several `DecodeLinear` children of one module that read the same input (an attention layer's wq, wk, wv),
-    multiplied in one GEMV call with their outputs side by side. It holds child names, not modules: the children
-    are looked up at every call, so a layer replaced later (quantized, LoRA-wrapped) is never read stale; when
-    any child is no longer a plain `DecodeLinear`, or the input does not suit the kernel, it returns None and
-    the caller runs the projections one by one."""
+class FusedAttention(Attention):
+    """An `Attention` whose q, k and v come from one GEMV call over its wq, wk, wv, outputs side by side: one
+    parallel region and one Python call instead of three. It reads its children at every call, so a projection
+    replaced later (quantized, LoRA-wrapped) is never read stale: when any of them is no longer a plain
+    `DecodeLinear`, or the input does not suit the kernel, the three projections run one by one."""
 
-    def __init__(self, names: tuple[str, ...]):
-        self.names = names
-        self.plan = None
+    @classmethod
+    def from_attention(cls, attention: Attention) -> FusedAttention:
+        fused = cls.__new__(cls)
+        fused.__dict__.update(attention.__dict__)  # the same children, parameters and hooks: nothing is copied
+        fused.kernel = getattr(fused, attention.kernel.__name__)  # the bound kernel method, rebound to `fused`
+        fused.qkv_plan = None
+        return fused
 
-    def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        children = [module._modules[name] for name in self.names]
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        children = self._modules["wq"], self._modules["wk"], self._modules["wv"]
         if any(type(c) is not DecodeLinear for c in children) or not kernels.gemv_applies(x, x.shape[-1]):
-            return None
-        self.plan = kernels.current_plan(self.plan, [(c._parameters["weight"], None, c._parameters["bias"])
-                                                     for c in children])  # fmt: skip
-        return self.plan(x)
+            return super().project_qkv(x)
+        self.qkv_plan = kernels.current_plan(self.qkv_plan, [(c._parameters["weight"], None, c._parameters["bias"])
+                                                             for c in children])  # fmt: skip
+        cfg = self.cfg
+        return self.qkv_plan(x).split((cfg.q_dim, cfg.kv_dim, cfg.kv_dim), -1)
+
+
+class FusedBlocks(Blocks):
+    """The model's `Blocks`, whose batch-1 steps of a few tokens run every layer in one C call (`FusedDecode`)
+    where that applies, and block by block otherwise."""
+
+    @classmethod
+    def from_blocks(cls, blocks: Blocks) -> FusedBlocks:
+        fused = cls.__new__(cls)
+        fused.__dict__.update(blocks.__dict__)  # the same blocks (state dict keys unchanged)
+        fused.fused_step = FusedDecode()
+        return fused
+
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        out = self.fused_step(self, x, ctx)
+        return out if out is not None else super().forward(x, ctx)
 
 
 @torch.no_grad()
 def optimize_for_decode(model: nn.Module) -> nn.Module:
-    """Make every plain fp32 `nn.Linear` of the model a `DecodeLinear`, in place. A tied LM head stays tied (the
-    module keeps its weight Parameter). Without the kernels (no AVX2 or no C compiler) the model is unchanged."""
+    """Make every plain fp32 `nn.Linear` of the model a `DecodeLinear`, every `Attention` a `FusedAttention` and
+    every `Blocks` a `FusedBlocks`, in place: child modules are swapped for subclasses sharing their parameters,
+    nothing else of the model changes. A tied LM head stays tied (the module keeps its weight Parameter).
+    Without the kernels (no AVX2 or no C compiler) the model is unchanged."""
     if not kernels.available():
         return model
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.is_contiguous():
                 setattr(parent, name, DecodeLinear.from_linear(child))
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.fused_qkv = FusedProjections(("wq", "wk", "wv"))
-    if hasattr(model, "fused_decode"):
-        model.fused_decode = FusedDecode()
+            elif type(child) is Attention:
+                setattr(parent, name, FusedAttention.from_attention(child))
+            elif type(child) is Blocks:
+                setattr(parent, name, FusedBlocks.from_blocks(child))
     return model
 
 
@@ -161,30 +186,31 @@ def _address(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _fingerprint(model: nn.Module) -> tuple:
+def _fingerprint(blocks: Blocks) -> tuple:
     """The modules a fused step reads and the addresses of their tensors: equal between two steps exactly when the
     layer descriptions still hold (a replaced layer is a new module; `.to()` or `param.data = ...` a new address).
     Cheap (~0.1 ms for GPT-2's 12 layers): building and checking the descriptions anew took ~0.5 ms."""
-    modules = tuple(m for block in model.blocks for m in _block_modules(block))
+    modules = tuple(m for block in blocks for m in _block_modules(block))
     tensors = (t for m in modules if m is not None for t in (*m._parameters.values(), *m._buffers.values()))
     return modules, tuple(t.data_ptr() for t in tensors if t is not None)
 
 
 class FusedDecode:
-    """The hook `Transformer.fused_decode`: (model, x [1, m, d], ctx) -> x after every block, or None. m ≤
-    kernels.MAX_ROWS new tokens right after what the cache holds: a decode step, a speculative verification."""
+    """`FusedBlocks`' step: (blocks, x [1, m, d], ctx) -> x after every block, or None (then the blocks run one by
+    one). m ≤ kernels.MAX_ROWS new tokens right after what the cache holds: a decode step, a speculative
+    verification."""
 
     def __init__(self):
         self.fingerprint = None  # `_fingerprint` of the model the layer descriptions were made for
         self.layers = None  # the descriptions, or None where a layer cannot run fused
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, ctx) -> torch.Tensor | None:
-        cfg = model.cfg
+    def __call__(self, blocks: Blocks, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor | None:
+        cfg = blocks.cfg
         if (
             x.shape[0] != 1
             or x.shape[1] > kernels.MAX_ROWS
             or x.dtype != torch.float32
-            or model.training
+            or blocks.training
             or torch.is_grad_enabled()
             or not ctx.follows_cache
             or ctx.bias is not None
@@ -199,17 +225,16 @@ class FusedDecode:
             or not kernels.available()
         ):
             return None
-        buffers = getattr(ctx.cache, "decode_buffers", None)
-        buffers = buffers() if buffers is not None else None
+        buffers = ctx.cache.decode_buffers() if isinstance(ctx.cache, ContiguousKVCache) else None
         if buffers is None:
             return None
         k_cache, v_cache, slot = buffers
         if k_cache.shape[2:] != (cfg.n_kv_head, k_cache.shape[3], cfg.head_dim) or len(k_cache) != cfg.n_layer:
             return None
-        fingerprint = _fingerprint(model)
+        fingerprint = _fingerprint(blocks)
         if fingerprint != self.fingerprint:
             act = ACTIVATIONS[cfg.ffn]
-            parts = [_layer_parts(block, act) for block in model.blocks]
+            parts = [_layer_parts(block, act) for block in blocks]
             self.layers = None if any(p is None for p in parts) else self._describe(cfg, parts, act)
             self.fingerprint = fingerprint
         if self.layers is None:

@@ -16,7 +16,7 @@ import torch
 
 from lmforge.config import UserError
 from lmforge.infer import kernels
-from lmforge.model import ModelConfig
+from lmforge.model import Cache, ModelConfig
 
 KV_DTYPES = {
     "fp32": torch.float32,
@@ -61,16 +61,25 @@ def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> t
 
 
 class KVStore:
-    """K and V of every layer as [n_layer, B, n_kv_head, slots, head_dim] in the storage dtype (plus int8's
-    scales, [..., slots, 1] in the model's dtype), read back in the model's `dtype`. The caches decide which
-    slot holds which token; this only writes and reads slots along the token axis."""
+    """K and V of every layer in the storage dtype (plus int8's scales, [..., 1] in the model's dtype), read back
+    in the model's `dtype`: the one storage of every cache here. Two layouts of a layer's slots:
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, slots: int, dtype=torch.float32, device="cpu",
+    - per row (`batch_size` rows): [B, n_kv_head, slots, head_dim] — the contiguous, sliding and merging caches;
+    - slot-major (`batch_size=None`): [slots, n_kv_head, head_dim] — the paged pool, whose blocks are runs of
+      contiguous slots shared by any row.
+
+    The caches decide which slot holds which token; this only writes and reads slots along the token axis."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int | None, slots: int, dtype=torch.float32, device="cpu",
                  kv_dtype: str | torch.dtype | None = None):  # fmt: skip
-        self.dtype, self.kv_dtype = dtype, storage_dtype(kv_dtype, dtype)
+        self.cfg, self.dtype, self.kv_dtype = cfg, dtype, storage_dtype(kv_dtype, dtype)
         self.quantized = self.kv_dtype == torch.int8
         slots = slots if cfg.attention != "linear" else 0  # linear attention keeps a fixed-size state instead
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, slots, cfg.head_dim)
+        if batch_size is None:
+            layer, self.token_axis = (slots, cfg.n_kv_head, cfg.head_dim), 0
+        else:
+            layer, self.token_axis = (batch_size, cfg.n_kv_head, slots, cfg.head_dim), 2
+        shape = (cfg.n_layer, *layer)
         self.k = torch.zeros(shape, dtype=self.kv_dtype, device=device)
         self.v = torch.zeros(shape, dtype=self.kv_dtype, device=device)
         self.k_scale = self.v_scale = None
@@ -78,22 +87,34 @@ class KVStore:
             self.k_scale = torch.zeros(shape[:-1] + (1,), dtype=dtype, device=device)
             self.v_scale = torch.zeros(shape[:-1] + (1,), dtype=dtype, device=device)
 
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """K, V and (int8) their scales: what a copy of slots must move."""
+        return [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
+
     def check_batch(self, positions: torch.Tensor) -> None:
         """One-line error when a forward's batch is not the batch this cache was built for."""
         if positions.shape[0] != self.k.shape[1]:
             raise ValueError(f"cache holds {self.k.shape[1]} sequences, got a batch of {positions.shape[0]}")
 
     def write(self, layer: int, index, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v [B, n_kv_head, n, head_dim] at `index` (a slice or a LongTensor of n distinct slots)."""
+        """Store k, v (n tokens along the layout's token axis: [B, n_kv_head, n, head_dim] per row, [n, n_kv_head,
+        head_dim] slot-major) at `index`: a slice, or a LongTensor of n distinct slots."""
         if self.quantized:
             (k, k_scale), (v, v_scale) = quantize_kv(k), quantize_kv(v)
-            self.k_scale[layer][:, :, index] = k_scale
-            self.v_scale[layer][:, :, index] = v_scale
-        self.k[layer][:, :, index] = k
-        self.v[layer][:, :, index] = v
+            self._put(self.k_scale[layer], index, k_scale)
+            self._put(self.v_scale[layer], index, v_scale)
+        self._put(self.k[layer], index, k)
+        self._put(self.v[layer], index, v)
+
+    def _put(self, buffer: torch.Tensor, index, x: torch.Tensor) -> None:
+        if isinstance(index, torch.Tensor):
+            buffer.index_copy_(self.token_axis, index, x.to(buffer.dtype))
+        else:
+            buffer[(slice(None),) * self.token_axis + (index,)] = x
 
     def read(self, layer: int, index) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V at `index` in the model's dtype (views of the buffer when no conversion is needed)."""
+        """K, V at `index` (per-row layout) in the model's dtype (views of the buffer when no conversion is needed)."""
         k, v = self.k[layer][:, :, index], self.v[layer][:, :, index]
         if self.quantized:
             k = dequantize_kv(k, self.k_scale[layer][:, :, index], self.dtype)
@@ -107,17 +128,23 @@ class KVStore:
             return dequantize_kv(*quantize_kv(x), self.dtype)
         return x.to(self.kv_dtype).to(self.dtype)
 
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig, dtype=torch.float32, kv_dtype: str | torch.dtype | None = None) -> int:
+        """Bytes of one token over every layer, K and V, int8's scales (model dtype, one per head) included."""
+        stored = storage_dtype(kv_dtype, dtype)
+        values = 2 * cfg.n_layer * cfg.kv_dim * stored.itemsize
+        scales = 2 * cfg.n_layer * cfg.n_kv_head * dtype.itemsize if stored == torch.int8 else 0
+        return values + scales
+
     def bytes_per_slot(self) -> int:
         """Bytes of one token of one sequence over every layer, K and V, scales included."""
-        tensors = [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
-        return sum(t[:, 0, :, 0].numel() * t.element_size() for t in tensors)
+        return self.bytes_per_token(self.cfg, self.dtype, self.kv_dtype)
 
     def nbytes(self) -> int:
-        tensors = [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.tensors)
 
 
-class ContiguousKVCache:
+class ContiguousKVCache(Cache):
     """One preallocated [n_layer, B, n_kv_head, max_len, head_dim] buffer each for K and V: no allocation
     while decoding, memory = max_len × `cfg.kv_bytes_per_token(dtype)` × B. `dtype` is the model's (what
     `update` returns); `kv_dtype` what is stored: None = the same, "bf16", or "int8" (+ per-token scales:

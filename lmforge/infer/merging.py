@@ -27,14 +27,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmforge.model import ModelConfig
+from lmforge.model import Cache, ModelConfig
 
 from .kv_cache import KVStore
 
 PADDING_BIAS = -1e4  # exp(−1e4) = 0 in every float dtype, yet finite in fp16 and bf16
 
 
-class TokenMergingCache:
+class TokenMergingCache(Cache):
     """`budget` entries per layer; the first `sinks` entries (attention sinks, Xiao et al. 2023) and the last
     `recent` are never merged with a neighbour."""
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.config import UserError
-from lmforge.model import ModelConfig
+from lmforge.model import Cache, ModelConfig
 
 from . import kernels
-from .kv_cache import dequantize_kv, quantize_kv
+from .kv_cache import KVStore, dequantize_kv
 
 
 class OutOfBlocks(RuntimeError):
@@ -105,7 +105,8 @@ class PagedSequence:
 
 class PagedKVPool:
     """The block pool of every layer: K and V as [n_layer, num_blocks·block_size, n_kv_head, head_dim]
-    (a flat slot index = block · block_size + offset), optionally int8 with per-token, per-head scales."""
+    (a flat slot index = block · block_size + offset), in the model's dtype, bf16, or int8 with per-token,
+    per-head scales: a slot-major `KVStore`, the storage every cache shares."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, *, block_size: int = 16, dtype=torch.float32,
                  device="cpu", kv_dtype: str | None = None, prefix_caching: bool = True):  # fmt: skip
@@ -113,17 +114,22 @@ class PagedKVPool:
             raise UserError("linear attention keeps a recurrent state, not keys and values, so it cannot use a paged "
                             "cache: use the contiguous cache (--kv contiguous, one sequence)")  # fmt: skip
         self.cfg, self.block_size, self.dtype, self.device = cfg, block_size, dtype, device
-        self.int8 = kv_dtype == "int8"
+        self.store = KVStore(cfg, None, num_blocks * block_size, dtype, device, kv_dtype)
         self.prefix_caching = prefix_caching
         self.allocator = BlockAllocator(num_blocks)
         self._scratch: dict = {}
-        shape = (cfg.n_layer, num_blocks * block_size, cfg.n_kv_head, cfg.head_dim)
-        store = torch.int8 if self.int8 else dtype
-        self.k = torch.zeros(shape, dtype=store, device=device)
-        self.v = torch.zeros(shape, dtype=store, device=device)
-        if self.int8:
-            self.k_scale = torch.zeros(shape[:-1] + (1,), dtype=dtype, device=device)
-            self.v_scale = torch.zeros(shape[:-1] + (1,), dtype=dtype, device=device)
+
+    @property
+    def k(self) -> torch.Tensor:  # [n_layer, slots, n_kv_head, head_dim] in the storage dtype
+        return self.store.k
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.store.v
+
+    @property
+    def int8(self) -> bool:
+        return self.store.quantized
 
     def scratch(self, key, shape: tuple[int, ...], dtype) -> torch.Tensor:
         """A reused buffer for gathered keys or values. Fresh 100 MB tensors every layer of every step cost
@@ -137,9 +143,7 @@ class PagedKVPool:
 
     @classmethod
     def bytes_per_block(cls, cfg: ModelConfig, block_size: int = 16, dtype=torch.float32, kv_dtype=None) -> int:
-        width = torch.finfo(dtype).bits / 8
-        per_value = 1 + width / cfg.head_dim if kv_dtype == "int8" else width  # int8 + one scale per head_dim values
-        return int(2 * cfg.n_layer * block_size * cfg.n_kv_head * cfg.head_dim * per_value)
+        return block_size * KVStore.bytes_per_token(cfg, dtype, kv_dtype)
 
     @property
     def num_blocks(self) -> int:
@@ -150,8 +154,7 @@ class PagedKVPool:
         return self.num_blocks * self.block_size
 
     def nbytes(self) -> int:
-        tensors = [self.k, self.v] + ([self.k_scale, self.v_scale] if self.int8 else [])
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return self.store.nbytes()
 
     # ---- block tables -------------------------------------------------------------------------------
     def _shared_partial(self, seq: PagedSequence) -> bool:
@@ -230,8 +233,7 @@ class PagedKVPool:
     def _copy_block(self, src: int, dst: int) -> None:
         bs = self.block_size
         s, d = slice(src * bs, (src + 1) * bs), slice(dst * bs, (dst + 1) * bs)
-        tensors = [self.k, self.v] + ([self.k_scale, self.v_scale] if self.int8 else [])
-        for t in tensors:
+        for t in self.store.tensors:
             t[:, d] = t[:, s]
 
     def _register_full_blocks(self, seq: PagedSequence) -> None:
@@ -249,7 +251,7 @@ class PagedKVPool:
         return PagedBatch(self, seqs, new_tokens)
 
 
-class PagedBatch:
+class PagedBatch(Cache):
     """The `lmforge.model.cache.Cache` for one forward over several paged sequences. Row i feeds
     `new_tokens[i]` tokens (right-padded to the longest); their K/V are written into the rows' blocks and
     each row attends to its own stored keys, gathered from the pool (padded keys are marked invalid)."""
@@ -303,27 +305,16 @@ class PagedBatch:
                                         n_kv_head=Hk, tables=self._blocks, block_size=self.pool.block_size)  # fmt: skip
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        pool = self.pool
+        store = self.pool.store
         self._store(layer, k, v)
-        return self._gathered(pool.k, pool.k_scale if pool.int8 else None, layer, k.dtype), self._gathered(
-            pool.v, pool.v_scale if pool.int8 else None, layer, v.dtype
-        )
+        return self._gathered(store.k, store.k_scale, layer, k.dtype), self._gathered(store.v, store.v_scale, layer,
+                                                                                    v.dtype)  # fmt: skip
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        pool = self.pool
         # New tokens to their slots: [B, T, Hk, D] rows selected by the write mask, in row order.
         k_new = k.transpose(1, 2)[self._write_mask]
         v_new = v.transpose(1, 2)[self._write_mask]
-        if pool.int8:
-            k_q, k_s = quantize_kv(k_new)
-            v_q, v_s = quantize_kv(v_new)
-            pool.k[layer].index_copy_(0, self._write_slots, k_q)
-            pool.v[layer].index_copy_(0, self._write_slots, v_q)
-            pool.k_scale[layer].index_copy_(0, self._write_slots, k_s)
-            pool.v_scale[layer].index_copy_(0, self._write_slots, v_s)
-        else:
-            pool.k[layer].index_copy_(0, self._write_slots, k_new.to(pool.k.dtype))
-            pool.v[layer].index_copy_(0, self._write_slots, v_new.to(pool.v.dtype))
+        self.pool.store.write(layer, self._write_slots, k_new, v_new)
 
     def _gathered(self, store, scale, layer, dtype):
         B, nb = self._blocks.shape
@@ -334,6 +325,7 @@ class PagedBatch:
         torch.index_select(src, 0, idx, out=x)
         if scale is not None:
             x = dequantize_kv(x, scale[layer].view(-1, bs, *scale.shape[2:]).index_select(0, idx), dtype)
+        x = x.to(dtype)  # bf16 storage: attention runs in the model's dtype
         return x.view(B, nb * bs, *x.shape[2:]).transpose(1, 2)  # [B, Hk, Tk, D]
 
     def commit(self) -> None:

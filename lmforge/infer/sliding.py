@@ -31,12 +31,12 @@ from __future__ import annotations
 import torch
 
 from lmforge.config import UserError
-from lmforge.model import ModelConfig
+from lmforge.model import Cache, ModelConfig
 
 from .kv_cache import KVStore
 
 
-class SlidingKVCache:
+class SlidingKVCache(Cache):
     """Slots 0..sinks−1 hold the first tokens for good; slots sinks..window−1 are a ring of the most recent
     ones. Slots fill in arrival order, so the first min(length, window) are the ones in use. Storage order is
     not time order once the ring wraps: the model masks by the positions `begin` returns, not by order.

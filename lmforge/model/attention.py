@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cache import Cache
 from .config import ModelConfig
 from .positions import apply_rope
 
@@ -38,7 +38,7 @@ class AttentionContext:
     bias: torch.Tensor | None = None  # [B|1, H, T, Tk] additive (ALiBi, T5 relative)
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin for q_pos (keys get theirs when stored)
     k_valid: torch.Tensor | None = None  # [B, Tk]
-    cache: Any = None
+    cache: Cache | None = None
     # New tokens at the positions right after everything the cache holds, no padding: token i sees every cached key
     # and the new ones up to itself (what a fused decode step assumes; `mask` then encodes just that)
     follows_cache: bool = False
@@ -212,6 +212,9 @@ def linear_attention_recurrent(q, k, v, state=None, eps: float = 1e-6):
 
 # ---- the module --------------------------------------------------------------------------------------
 class Attention(nn.Module):
+    """Projections, rotary, one kernel, output projection. The kernel is chosen once, by `cfg.attention`; each
+    softmax kernel takes its structured fast path on a plain causal batch and the explicit mask otherwise."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
@@ -220,26 +223,18 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.kv_dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.q_dim, cfg.d_model, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        # Set by lmforge.infer.fastpath for decoding: (module, x) -> q, k and v side by side from one product, or
-        # None where it does not apply (then the three projections run as usual).
-        self.fused_qkv = None
-        self.dense_causal = cfg.attention == "sdpa" and not cfg.window  # every earlier key, no pattern or bias
         self.kernel = {
-            "sdpa": self._softmax_attention,
-            "naive": self._softmax_attention,
-            "sliding_window": self._softmax_attention,
-            "block_sparse": self._softmax_attention,
-            "linear": self._linear_attention,
+            "sdpa": self._sdpa,
+            "naive": self._naive,
+            "sliding_window": self._sliding_window,
+            "block_sparse": self._block_sparse,
+            "linear": self._linear,
         }[cfg.attention]
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, T, _ = x.shape
-        cfg, hd = self.cfg, self.cfg.head_dim
-        qkv = self.fused_qkv(self, x) if self.fused_qkv is not None else None
-        if qkv is not None:
-            q, k, v = qkv.split((cfg.q_dim, cfg.kv_dim, cfg.kv_dim), -1)
-        else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        hd = self.cfg.head_dim
+        q, k, v = self.project_qkv(x)
         q = q.view(B, T, -1, hd).transpose(1, 2)
         k = k.view(B, T, -1, hd).transpose(1, 2)
         v = v.view(B, T, -1, hd).transpose(1, 2)
@@ -249,35 +244,57 @@ class Attention(nn.Module):
         out = self.wo(self.kernel(q, k, v, ctx).transpose(1, 2).reshape(B, T, -1))
         return self.resid_dropout(out) if self.training else out  # (a module call saved per layer when decoding)
 
-    def _softmax_attention(self, q, k, v, ctx: AttentionContext):
-        bias = ctx.bias
-        if ctx.cache is not None:
-            # One new token per row under the dense causal pattern: a cache may store it and attend itself,
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, T, q_dim], k and v [B, T, kv_dim]."""
+        return self.wq(x), self.wk(x), self.wv(x)
+
+    @property
+    def _dropout_p(self) -> float:
+        return self.cfg.dropout if self.training else 0.0
+
+    def _all_keys(self, k, v, ctx: AttentionContext):
+        """Every key and value the new tokens may see (this forward's, plus what the cache holds) and the bias on
+        their logits: the position bias, plus the cache's own (e.g. log(count) of merged entries)."""
+        if ctx.cache is None:
+            return k, v, ctx.bias
+        k, v = ctx.cache.update(self.layer, k, v)
+        extra = ctx.cache.logit_bias(self.layer)
+        if extra is None:
+            return k, v, ctx.bias
+        return k, v, extra if ctx.bias is None else ctx.bias + extra
+
+    def _sdpa(self, q, k, v, ctx: AttentionContext):
+        if ctx.cache is not None and q.shape[2] == 1 and not self.cfg.window and ctx.bias is None:
+            # One new token per row under the dense causal pattern: the cache may store it and attend itself,
             # reading keys where they are stored (lmforge.infer's decode kernel) instead of returning them.
-            attend = getattr(ctx.cache, "attend", None)
-            if attend is not None and self.dense_causal and bias is None and q.shape[2] == 1:
-                out = attend(self.layer, q, k, v)
-                if out is not None:
-                    return out
-            k, v = ctx.cache.update(self.layer, k, v)
-            # A cache may weight its keys, e.g. log(count) of merged entries (lmforge.infer.merging).
-            logit_bias = getattr(ctx.cache, "logit_bias", None)
-            extra = logit_bias(self.layer) if logit_bias is not None else None
-            if extra is not None:
-                bias = extra if bias is None else bias + extra
-        cfg, p = self.cfg, self.cfg.dropout if self.training else 0.0
-        if cfg.attention == "naive":
-            return naive_attention(q, k, v, ctx.mask, bias, p)
-        if ctx.plain_causal and bias is None:
-            if cfg.attention == "sliding_window":
-                return sliding_window_attention(q, k, v, cfg.window, p)
-            if cfg.attention == "block_sparse":
-                return block_sparse_attention(q, k, v, cfg.block_sparse_size, p)
+            out = ctx.cache.attend(self.layer, q, k, v)
+            if out is not None:
+                return out
+        k, v, bias = self._all_keys(k, v, ctx)
         # No mask: the plain causal batch, or one new token that sees every key (is_causal would align it with
         # the first key, not the last).
-        return _sdpa(q, k, v, ctx.mask, bias, p, is_causal=ctx.mask is None and ctx.plain_causal)
+        return _sdpa(q, k, v, ctx.mask, bias, self._dropout_p, is_causal=ctx.mask is None and ctx.plain_causal)
 
-    def _linear_attention(self, q, k, v, ctx: AttentionContext):
+    def _naive(self, q, k, v, ctx: AttentionContext):
+        k, v, bias = self._all_keys(k, v, ctx)
+        return naive_attention(q, k, v, ctx.mask, bias, self._dropout_p)
+
+    def _sliding_window(self, q, k, v, ctx: AttentionContext):
+        if ctx.plain_causal and ctx.bias is None:
+            return sliding_window_attention(q, k, v, self.cfg.window, self._dropout_p)
+        return self._masked(q, k, v, ctx)
+
+    def _block_sparse(self, q, k, v, ctx: AttentionContext):
+        if ctx.plain_causal and ctx.bias is None:
+            return block_sparse_attention(q, k, v, self.cfg.block_sparse_size, self._dropout_p)
+        return self._masked(q, k, v, ctx)
+
+    def _masked(self, q, k, v, ctx: AttentionContext):
+        """A structured pattern off its fast path (a cache, padding, a bias): sdpa under the explicit mask."""
+        k, v, bias = self._all_keys(k, v, ctx)
+        return _sdpa(q, k, v, ctx.mask, bias, self._dropout_p, is_causal=ctx.mask is None and ctx.plain_causal)
+
+    def _linear(self, q, k, v, ctx: AttentionContext):
         q, k = feature_map(q), feature_map(k)
         if ctx.k_valid is not None:  # padding keys contribute nothing to the running sums
             valid = ctx.k_valid[:, -k.shape[2] :, None]

@@ -2,7 +2,9 @@
 
 The model never decides how keys and values are stored: an object implementing `Cache` is passed in
 (`lmforge.infer` ships the implementations: contiguous, paged, int8, sliding, token merging). Per forward
-the model calls `begin` once with the new tokens' positions, then `update` once per layer.
+the model calls `begin` once with the new tokens' positions, then, per layer, `attend` (one new token per row)
+or `update` (then `logit_bias`). Implementations subclass `Cache` to inherit the defaults of the two optional
+methods (`attend`: None, `logit_bias`: None), or define every method themselves.
 """
 
 from __future__ import annotations
@@ -14,19 +16,6 @@ import torch
 
 @runtime_checkable
 class Cache(Protocol):
-    """Optional, looked up with getattr (so not part of the isinstance check):
-
-    logit_bias(layer) -> Tensor | None: an additive bias on the attention logits of the keys the last
-    `update(layer, ...)` returned, broadcastable to [B, n_head, T, Tk] (e.g. [B, 1, 1, Tk]); softmax attention
-    calls it right after `update` and adds it to any position bias. None = no bias. `lmforge.infer.merging`
-    returns log(count) of merged entries (proportional attention).
-
-    attend(layer, q, k, v) -> Tensor | None: for one new token per row ([B, H, 1, head_dim] queries) under the
-    dense causal pattern (sdpa, no window, no bias), store k, v as `update` would and return the attention output
-    [B, H, 1, head_dim] over every stored key of each row — or return None, storing nothing, and the model calls
-    `update` and attends itself. `lmforge.infer`'s contiguous and paged caches use a kernel that reads the keys in
-    place."""
-
     length: int  # tokens stored so far; new tokens default to positions length, length + 1, ...
 
     def begin(self, positions: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -41,6 +30,19 @@ class Cache(Protocol):
         """Store this forward's keys and values [B, n_kv_head, T, head_dim] for `layer` and return all of
         them, [B, n_kv_head, Tk, head_dim], aligned with what `begin` returned."""
         ...
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        """For one new token per row ([B, H, 1, head_dim] queries) under the dense causal pattern (sdpa, no window,
+        no bias): store k, v as `update` would and return the attention output [B, H, 1, head_dim] over every
+        stored key of each row — or return None, storing nothing, and the model calls `update` and attends
+        itself. `lmforge.infer`'s contiguous and paged caches read the keys in place with a kernel."""
+        return None
+
+    def logit_bias(self, layer: int) -> torch.Tensor | None:
+        """An additive bias on the attention logits of the keys the last `update(layer, ...)` returned,
+        broadcastable to [B, n_head, T, Tk] (e.g. [B, 1, 1, Tk]), added to any position bias; None = no bias.
+        `lmforge.infer.merging` returns log(count) of merged entries (proportional attention)."""
+        return None
 
     def get_state(self, layer: int) -> Any | None:
         """Recurrent state of a `linear` attention layer (None before the first token)."""

@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, AttentionContext, attention_mask
+from .cache import Cache
 from .config import ModelConfig
 from .layers import make_ffn, make_norm
 from .positions import ALiBi, LearnedPositions, RelativeBias, RotaryEmbedding, SinusoidalPositions
@@ -27,7 +28,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.attn = make_norm(cfg), Attention(cfg, layer)
         self.norm2, self.ffn = make_norm(cfg), make_ffn(cfg)
-        self.checkpoint = cfg.activation_checkpointing  # a flag the block reads; trainers may flip it
+        self.checkpoint = False  # a flag the block reads: the trainer sets it (TrainConfig.activation_checkpointing)
         self._forward = self._pre_norm if cfg.norm_position == "pre" else self._post_norm
 
     def _pre_norm(self, x, ctx):  # GPT-2 onwards: x + f(norm(x)), a clean residual path
@@ -45,6 +46,20 @@ class Block(nn.Module):
         return self._forward(x, ctx)
 
 
+class Blocks(nn.ModuleList):
+    """The stack of blocks, run one after another. (A module of its own so that an inference fast path can swap
+    in a subclass that runs the whole stack at once: lmforge/infer/fastpath.py.)"""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(Block(cfg, i) for i in range(cfg.n_layer))
+        self.cfg = cfg
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        for block in self:
+            x = block(x, ctx)
+        return x
+
+
 ADDED_POSITIONS = {"sinusoidal": SinusoidalPositions, "learned": LearnedPositions}
 BIAS_POSITIONS = {"alibi": ALiBi, "relative": RelativeBias}
 # Kernels whose plain causal path needs no explicit mask (without a window or an attention bias).
@@ -60,15 +75,15 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(cfg) if cfg.position == "rope" else None
         self.attn_bias = BIAS_POSITIONS[cfg.position](cfg) if cfg.position in BIAS_POSITIONS else None
         self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.blocks = Blocks(cfg)
         # Post-norm blocks end in a norm already; pre-norm needs one before the head.
         self.norm_f = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # Press & Wolf 2017
-        # Set from outside for decoding (lmforge.infer.fastpath): (model, x, ctx) -> x after every block in one
-        # fused call, or None where it does not apply (then the blocks run one by one).
-        self.fused_decode = None
+        # Whether the pattern needs an explicit mask even where the kernel's own causal path would do: a window,
+        # a kernel without a fused causal path (naive), or a position bias. Linear attention never takes one.
+        self.always_masked = cfg.attention not in MASK_FREE or bool(cfg.window) or self.attn_bias is not None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -90,7 +105,7 @@ class Transformer(nn.Module):
         idx: torch.Tensor,
         *,
         positions: torch.Tensor | None = None,
-        cache=None,
+        cache: Cache | None = None,
         attn_mask: torch.Tensor | None = None,
         return_hidden: bool = False,
     ):
@@ -109,36 +124,24 @@ class Transformer(nn.Module):
             x = x + self.add_positions(ctx.q_pos).to(x.dtype)
         if self.training:
             x = self.dropout(x)
-        fused = self.fused_decode(self, x, ctx) if self.fused_decode is not None else None
-        if fused is not None:
-            return self.norm_f(fused)
-        for block in self.blocks:
-            x = block(x, ctx)
-        return self.norm_f(x)
+        return self.norm_f(self.blocks(x, ctx))
 
     def _context(self, idx, positions, cache, attn_mask) -> AttentionContext:
+        """Positions, the keys each query may see, rotary angles and position biases: computed once per forward
+        for every layer."""
         cfg = self.cfg
         B, T = idx.shape
-        plain = positions is None and cache is None and attn_mask is None
-        follows = cache is not None and positions is None and attn_mask is None  # new tokens after the cached ones
-        one_step = T == 1 and follows  # a decode step
-        if positions is None:
-            start = cache_length(cache)
-            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
-        if cfg.position == "learned" and (plain and T > cfg.max_seq_len):
+        plain = positions is None and cache is None and attn_mask is None  # training, an unpadded prompt
+        if plain and cfg.position == "learned" and T > cfg.max_seq_len:
             raise ValueError(f"{T} tokens exceed max_seq_len={cfg.max_seq_len} of learned positions: shorten the input")
-        k_pos, k_valid = positions, attn_mask
-        if cache is not None:
-            k_pos, k_valid = cache.begin(positions, attn_mask)
+        after_cache = cache is not None and positions is None and attn_mask is None
+        if positions is None:
+            start = 0 if cache is None else cache.length
+            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        k_pos, k_valid = (positions, attn_mask) if cache is None else cache.begin(positions, attn_mask)
         ctx = AttentionContext(q_pos=positions, k_pos=k_pos, plain_causal=plain, k_valid=k_valid, cache=cache,
-                               follows_cache=follows and k_valid is None)  # fmt: skip
-        # One new token after everything cached, no padding, a dense causal pattern: it may see every key, so it
-        # needs no mask (building one costs more than a small model's attention at that step).
-        sees_all = one_step and k_valid is None and cfg.attention != "block_sparse"
-        needs_mask = (
-            not (plain or sees_all) or cfg.attention not in MASK_FREE or cfg.window or self.attn_bias is not None
-        )
-        if needs_mask and cfg.attention != "linear":
+                               follows_cache=after_cache and k_valid is None)  # fmt: skip
+        if self._needs_mask(ctx, T):
             ctx.mask = attention_mask(cfg, positions, k_pos, k_valid)
         if self.rope is not None:
             ctx.rope = self.rope(positions)
@@ -146,6 +149,11 @@ class Transformer(nn.Module):
             ctx.bias = self.attn_bias(positions[:1] if plain else positions, k_pos[:1] if plain else k_pos)
         return ctx
 
-
-def cache_length(cache) -> int:
-    return 0 if cache is None else int(getattr(cache, "length", 0))
+    def _needs_mask(self, ctx: AttentionContext, T: int) -> bool:
+        """Whether attention needs the explicit mask: not on the plain causal batch, nor for one new token after
+        everything cached under a dense pattern (it sees every key; building a mask would cost more than a small
+        model's attention at that step) — unless the pattern itself needs one."""
+        if self.cfg.attention == "linear":
+            return False
+        sees_every_key = T == 1 and ctx.follows_cache and self.cfg.attention != "block_sparse"
+        return self.always_masked or not (ctx.plain_causal or sees_every_key)

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from lmforge.align.lora import LoRAConfig, apply_lora
 from lmforge.infer import kernels
-from lmforge.infer.fastpath import FusedDecode, optimize_for_decode
+from lmforge.infer.fastpath import FusedBlocks, FusedDecode, optimize_for_decode
 from lmforge.infer.kv_cache import ContiguousKVCache
 from lmforge.infer.quantize import quantize_model
 from lmforge.model import ModelConfig, Transformer
@@ -141,7 +141,7 @@ STEPS_ASIDE = {
 def test_fused_path_steps_aside_where_it_does_not_apply(monkeypatch, change):
     model = change(make_model())
     fast = optimize_for_decode(copy.deepcopy(model))
-    assert isinstance(fast.fused_decode, FusedDecode)
+    assert isinstance(fast.blocks, FusedBlocks)
     idx = torch.randint(0, 96, (1, 12))
     results = spy(monkeypatch)
     torch.testing.assert_close(decode_logits(fast, idx), decode_logits(model, idx), rtol=1e-4, atol=1e-4)

@@ -147,15 +147,21 @@ def test_optimized_model_gives_the_same_logits_and_greedy_tokens():
 
 @needs_kernels
 def test_fused_qkv_decode_steps_equal_the_plain_model_and_follow_replaced_layers(monkeypatch):
-    from lmforge.infer.fastpath import FusedProjections
+    from lmforge.infer.fastpath import FusedAttention, FusedDecode
     from lmforge.infer.kv_cache import ContiguousKVCache
+    from lmforge.model.attention import Attention
 
     model = tiny_model()
     fast = optimize_for_decode(copy.deepcopy(model))
-    fast.fused_decode = None  # one-token steps would run every layer in C (tests/infer/test_fused_decode.py)
-    products = []  # what each fused call returned: a tensor, or None when it left the layer to its projections
-    fused_call = FusedProjections.__call__
-    monkeypatch.setattr(FusedProjections, "__call__", lambda *a: products.append(fused_call(*a)) or products[-1])
+    # One-token steps would run every layer in C (tests/infer/test_fused_decode.py): keep them on the block path.
+    monkeypatch.setattr(FusedDecode, "__call__", lambda *a: None)
+    calls = []  # "fused" for each FusedAttention projection, then "plain" where it left it to the three products
+    fused_project, plain_project = FusedAttention.project_qkv, Attention.project_qkv
+    monkeypatch.setattr(FusedAttention, "project_qkv", lambda m, x: calls.append("fused") or fused_project(m, x))
+    monkeypatch.setattr(Attention, "project_qkv", lambda m, x: calls.append("plain") or plain_project(m, x))
+
+    def fused_products() -> int:
+        return sum(c == "fused" and calls[i + 1 : i + 2] != ["plain"] for i, c in enumerate(calls))
 
     def steps(m):
         cache = ContiguousKVCache(m.cfg, 1, 32)
@@ -164,14 +170,16 @@ def test_fused_qkv_decode_steps_equal_the_plain_model_and_follow_replaced_layers
             return torch.cat([m(torch.tensor([[t]]), cache=cache) for t in (3, 9, 27)], 1)
 
     torch.testing.assert_close(steps(fast), steps(model), rtol=1e-5, atol=1e-5)
-    assert any(p is not None for p in products)  # the one-token steps took the fused product
-    products.clear()
+    assert fused_products() > 0  # the one-token steps took the fused product
     fast.blocks[0].attn.wq = copy.deepcopy(model.blocks[0].attn.wq)  # replaced after optimising: a plain Linear
     with torch.no_grad():
         fast.blocks[0].attn.wq.weight.mul_(2)
         model.blocks[0].attn.wq.weight.mul_(2)
+    calls.clear()
+    steps(fast)
+    # The last step: layer 0 fell back to three products (it never read the old wq), layer 1 stayed fused.
+    assert calls[-3:] == ["fused", "plain", "fused"]
     torch.testing.assert_close(steps(fast), steps(model), rtol=1e-5, atol=1e-5)
-    assert None in products  # layer 0 fell back to three products: it never read the old wq
 
 
 @needs_kernels

@@ -51,6 +51,34 @@ def cached_logits(model, idx: torch.Tensor, cache, chunks: list[int]) -> torch.T
 
 
 # ---- int8 ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kv_dtype", ["bf16", "int8"])
+def test_paged_pool_stores_each_kv_dtype_as_the_contiguous_cache_does(kv_dtype):
+    """One storage (KVStore) under both: the paged pool's logits equal the contiguous cache's in the same dtype,
+    chunked prefill and one-token steps alike, and its bytes are what it says."""
+    from lmforge.infer.paged import PagedKVPool, PagedSequence
+
+    cfg = tiny()
+    model, prompt = model_of(cfg), tokens(23, batch=1)[0].tolist()
+    contiguous = ContiguousKVCache(cfg, 1, 40, kv_dtype=kv_dtype)
+    pool = PagedKVPool(cfg, num_blocks=8, block_size=4, kv_dtype=kv_dtype)
+    seq = PagedSequence(prompt + [5, 7])
+    with torch.no_grad():
+        for chunk in (prompt[:9], prompt[9:], [5], [7]):
+            reference = model(torch.tensor([chunk]), cache=contiguous)
+            positions = torch.arange(seq.num_cached, seq.num_cached + len(chunk))[None]
+            pool.reserve(seq, len(chunk))
+            batch = pool.batch([seq], [len(chunk)])
+            torch.testing.assert_close(model(torch.tensor([chunk]), positions=positions, cache=batch), reference,
+                                       rtol=1e-5, atol=1e-5)  # fmt: skip
+            batch.commit()
+    fp32 = PagedKVPool(cfg, num_blocks=8, block_size=4)
+    assert pool.k.dtype == {"bf16": torch.bfloat16, "int8": torch.int8}[kv_dtype]
+    assert pool.nbytes() == 8 * PagedKVPool.bytes_per_block(cfg, 4, kv_dtype=kv_dtype) < fp32.nbytes()
+    assert pool.nbytes() / fp32.nbytes() == {"bf16": 1 / 2, "int8": (1 + 4 / cfg.head_dim) / 4}[kv_dtype]
+    with pytest.raises(UserError, match="kv_dtype must be one of"):
+        PagedKVPool(cfg, num_blocks=8, kv_dtype="fp4")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantize_kv_is_within_half_a_scale_of_brute_force(dtype):
     torch.manual_seed(0)
