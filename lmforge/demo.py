@@ -8,11 +8,14 @@ window), and `xz -9` on the whole concatenated val split. Everything lands in `r
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import lzma
 import time
 from pathlib import Path
+
+from lmforge.registry import command
 
 PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef ", "class Stack:\n    def __init__(self", '"""Utilities for']
 
@@ -76,3 +79,14 @@ def run_demo(data: str = "data/python-stdlib", config: str = "configs/pretrain/t
     print(f"run folder {run_dir.path}: config.yaml, metrics.jsonl, checkpoints/, loss.png, summary.json "
           f"({summary['minutes']:.1f} min)")  # fmt: skip
     return summary
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="data/python-stdlib", help="prepared corpus folder (made if missing)")
+    p.add_argument("--config", default="configs/pretrain/tiny.yaml", help="pretraining recipe")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.steps=100")
+
+
+@command("demo", help="prepare the stdlib corpus, pretrain tiny, sample, compare with xz/gzip", arguments=_demo_args)
+def demo(args: argparse.Namespace) -> None:
+    run_demo(args.data, args.config, tuple(args.overrides))

@@ -1,4 +1,4 @@
-"""lmforge.cli: help for every command, one-line errors with exit status 2, the command registry."""
+"""lmforge.cli: help for every command, one-line errors with exit status 2; lmforge.registry: the command registry."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from lmforge import __version__, cli
+from lmforge import registry as commands
 
 
 @dataclass
@@ -21,16 +22,16 @@ class EchoConfig:
 @pytest.fixture
 def registry(monkeypatch):
     """A private copy of the command registry, so test commands do not leak into other tests."""
-    monkeypatch.setattr(cli, "_COMMANDS", dict(cli._COMMANDS))
+    monkeypatch.setattr(commands, "COMMANDS", dict(commands.COMMANDS))
     monkeypatch.setattr(cli, "COMMAND_MODULES", list(cli.COMMAND_MODULES))
-    return cli._COMMANDS
+    return commands.COMMANDS
 
 
 @pytest.fixture
 def echo(registry):
-    @cli.command("echo", help="print the config", arguments=cli.add_config_arguments)
+    @commands.command("echo", help="print the config", arguments=commands.add_config_arguments)
     def run(args):
-        cfg = cli.config_from_args(EchoConfig, args)
+        cfg = commands.config_from_args(EchoConfig, args)
         print(f"{cfg.word} x{cfg.n}")
         return 3 if cfg.n == 3 else None
 
@@ -45,7 +46,7 @@ def exit_code(argv):
 
 def command_names():
     cli.build_parser()  # imports COMMAND_MODULES, which registers their commands
-    return sorted(cli._COMMANDS)
+    return sorted(commands.COMMANDS)
 
 
 def test_top_level_help_and_version(capsys):
@@ -75,8 +76,9 @@ def test_python_dash_m_help_is_fast_and_torch_free():
     probe = textwrap.dedent(
         """
         import contextlib, io, sys
-        from lmforge import cli
-        for argv in [["--help"]] + [[name, "--help"] for name in sorted(cli._COMMANDS)]:
+        from lmforge import cli, registry
+        cli.build_parser()  # registers every command
+        for argv in [["--help"]] + [[name, "--help"] for name in sorted(registry.COMMANDS)]:
             with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
                 cli.main(argv)
         print("torch" in sys.modules)
@@ -127,7 +129,7 @@ def test_user_errors_print_one_line_and_exit_2(echo, capsys, argv, expected):
 
 
 def test_file_errors_from_a_stage_are_one_line(registry, capsys):
-    @cli.command("boom", help="fail like a stage would")
+    @commands.command("boom", help="fail like a stage would")
     def boom(args):
         raise FileExistsError("run folder runs/x already exists and is not empty; pass --resume")
 
@@ -148,14 +150,14 @@ def test_unknown_option_is_a_usage_error(echo):
 
 def test_duplicate_command_name_is_refused(registry):
     with pytest.raises(ValueError, match="registered twice"):
-        cli.command("model-info", help="again")(lambda args: None)
+        commands.command("model-info", help="again")(lambda args: None)
 
 
 def test_command_modules_register_lazily(registry, tmp_path, monkeypatch, capsys):
     (tmp_path / "lmforge_test_stage_cmds.py").write_text(
         textwrap.dedent(
             """
-            from lmforge.cli import command
+            from lmforge.registry import command
 
             def arguments(parser):
                 parser.add_argument("--times", type=int, default=1)

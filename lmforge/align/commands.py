@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from lmforge.cli import add_config_arguments, command, config_from_args
+from lmforge.registry import add_config_arguments, command, config_from_args
 
 
 def _sft_args(p: argparse.ArgumentParser) -> None:

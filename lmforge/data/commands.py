@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lmforge.cli import add_config_arguments, command, config_from_args
+from lmforge.registry import add_config_arguments, command, config_from_args
 
 _SOURCE_HELP = "python-stdlib (default), text:PATH (a file or folder) or jsonl:PATH[:FIELD]"
 

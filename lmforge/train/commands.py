@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lmforge.cli import add_config_arguments, command, config_from_args
+from lmforge.registry import add_config_arguments, command, config_from_args
 
 
 def _pretrain_args(p: argparse.ArgumentParser) -> None:
@@ -157,16 +157,3 @@ def export(args: argparse.Namespace) -> None:
     from lmforge.train.artifacts import export as export_run
 
     print(f"exported to {export_run(args.run, args.to, args.out, overwrite=args.overwrite)}")
-
-
-def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="data/python-stdlib", help="prepared corpus folder (made if missing)")
-    p.add_argument("--config", default="configs/pretrain/tiny.yaml", help="pretraining recipe")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.steps=100")
-
-
-@command("demo", help="prepare the stdlib corpus, pretrain tiny, sample, compare with xz/gzip", arguments=_demo_args)
-def demo(args: argparse.Namespace) -> None:
-    from lmforge.demo import run_demo
-
-    run_demo(args.data, args.config, tuple(args.overrides))
