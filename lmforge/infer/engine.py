@@ -7,6 +7,11 @@ per-step token budget, so decoding never stalls behind them (Sarathi, Agrawal et
         print(out.text, end="")
     results = engine.generate([ids_a, ids_b], SamplingParams(temperature=0.8, seed=1))  # batched, in order
 
+Each request's outputs go to its own sink as they are sampled (`add_request(..., sink=)`), so several streams
+interleaved in one thread each get exactly their own tokens; `lmforge.infer.engine_loop.EngineLoop` serves many
+threads or asyncio tasks from one engine on a background thread the same way. Answering a batch of prompts or
+chats to the end is `lmforge.infer.replies.generate_replies`.
+
 One step: (1) every running sequence gets room for one more token — when the pool is out of blocks the newest
 sequence is preempted: its blocks are freed and it re-enters the queue to be recomputed later (its prompt is
 then prompt + what it generated; draws are counter-based, so it continues with the same tokens); (2) waiting
@@ -20,7 +25,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +35,8 @@ from lmforge.config import UserError
 from .context import check_context
 from .paged import OutOfBlocks, PagedKVPool, PagedSequence
 from .sampling import SamplingParams, TextStream, TokenLogprobs, draw, processed_probs, token_logprobs
+
+Sink = Callable[["Output"], None]
 
 
 @dataclass
@@ -59,10 +66,18 @@ class Request:
     params: SamplingParams
     arrival: float
     seqs: list[Sequence] = field(default_factory=list)
+    sink: Sink | None = None  # called with each of the request's outputs as it is sampled
+    # params.prompt_logprobs: prompt token i's log-prob given the tokens before it (the first has none: None)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def done(self) -> bool:
         return bool(self.seqs) and all(s.done for s in self.seqs)
+
+    @property
+    def scoring_prompt(self) -> bool:
+        """Whether prompt log-probs are still to be computed (needs every prompt token's logits: no prefix cache)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt)
 
 
 @dataclass
@@ -75,6 +90,8 @@ class Output:
     text: str  # the text this token released (UTF-8-safe, stop strings held back); "" without a tokenizer
     finish_reason: str | None
     logprobs: TokenLogprobs | None = None
+    time: float = 0.0  # time.perf_counter() when the token was sampled
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # on a sample's first output, when asked for
 
 
 @dataclass
@@ -119,8 +136,9 @@ class Engine:
                 f"of {cfg.max_seq_len} tokens (more when shorter; at most {self.max_batch} per step)")  # fmt: skip
 
     # ---- requests ---------------------------------------------------------------------------------------
-    def add_request(self, prompt: list[int], params: SamplingParams | None = None) -> Request:
-        params = params or SamplingParams()
+    def check_request(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise a UserError if the request can never run here (empty, past the context, bigger than the cache).
+        Reads only what never changes, so another thread may call it (EngineLoop.submit does)."""
         if not prompt:
             raise UserError("the prompt is empty: give at least one token (a prompt text that encodes to tokens)")
         total = len(prompt) + params.max_new_tokens
@@ -129,7 +147,14 @@ class Engine:
             raise UserError(f"prompt + max_new_tokens = {total} tokens cannot fit the KV cache "
                             f"({self.pool.capacity_tokens} tokens): give the engine more KV memory "
                             "(kv_memory_gib, num_blocks) or ask for fewer tokens")  # fmt: skip
-        request = Request(next(self._ids), list(prompt), params, time.perf_counter())
+
+    def add_request(self, prompt: list[int], params: SamplingParams | None = None, *, sink: Sink | None = None
+                    ) -> Request:  # fmt: skip
+        params = params or SamplingParams()
+        self.check_request(prompt, params)
+        request = Request(next(self._ids), list(prompt), params, time.perf_counter(), sink=sink)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]  # nothing predicts the first token
         seq = Sequence(request, 0, PagedSequence(list(prompt)), len(prompt), text=self._text_stream(params))
         request.seqs.append(seq)
         self.requests[request.id] = request
@@ -151,11 +176,17 @@ class Engine:
 
     # ---- driving ----------------------------------------------------------------------------------------
     def stream(self, prompt: list[int], params: SamplingParams | None = None) -> Iterator[Output]:
-        """Add one request and yield its outputs as they come (other requests advance in the same steps)."""
-        request = self.add_request(prompt, params)
+        """Add one request and yield its outputs as they come. Other requests advance in the same steps, and
+        their outputs reach their own sinks: two streams interleaved in one thread each get all their tokens."""
+        inbox: deque[Output] = deque()
+        request = self.add_request(prompt, params, sink=inbox.append)
         try:
-            while not request.done:
-                yield from (o for o in self.step() if o.request_id == request.id)
+            while True:
+                while inbox:
+                    yield inbox.popleft()
+                if request.done:
+                    return
+                self.step()
         finally:
             if not request.done:  # the consumer stopped early
                 self.cancel(request.id)
@@ -200,6 +231,7 @@ class Engine:
         """Feed each row its tokens (right-padded); returns the logits [B, V] of each row's last token only —
         the LM head over a whole prompt chunk would be wasted work (31% of GPT-2's prefill FLOPs)."""
         lengths = [len(t) for t in tokens]
+        starts = [s.paged.num_cached for s in seqs]
         T = max(lengths)
         idx = torch.tensor([t + [0] * (T - len(t)) for t in tokens], device=self.device)
         pos = torch.tensor([[s.paged.num_cached + i for i in range(T)] for s in seqs], device=self.device)
@@ -209,11 +241,29 @@ class Engine:
         cache = self.pool.batch([s.paged for s in seqs], lengths)
         hidden = self.model.hidden_states(idx, positions=pos, cache=cache, attn_mask=valid)
         cache.commit()
+        for row, s in enumerate(seqs):
+            if s.request.scoring_prompt:
+                self._score_prompt(s.request, starts[row], hidden[row, : lengths[row]])
         if self.cfg.window:
             for s in seqs:
                 self.pool.free_outside_window(s.paged, self.cfg.window)
         last = torch.tensor(lengths, device=self.device) - 1
         return self.model.lm_head(hidden[torch.arange(len(seqs), device=self.device), last])
+
+    def _score_prompt(self, request: Request, start: int, hidden: torch.Tensor) -> None:
+        """Prompt log-probs from one prefill chunk: the hidden state at position j predicts token j + 1 (the
+        last prompt position predicts the first new token, which `_sample` reports). A chunk recomputed after
+        its blocks were released finds its positions already scored and skips them."""
+        first = len(request.prompt_logprobs) - 1  # the position that predicts the next unscored token
+        stop = min(start + len(hidden), len(request.prompt) - 1)
+        if first >= stop:
+            return
+        assert first >= start, "prompt positions skipped while scoring (a scoring request takes no cached prefix)"
+        logits = self.model.lm_head(hidden[first - start : stop - start])
+        if self.vocab_size:
+            logits = logits[:, : self.vocab_size]
+        targets = request.prompt[first + 1 : stop + 1]
+        request.prompt_logprobs += token_logprobs(logits, targets, request.params.prompt_logprobs)
 
     # ---- scheduling -------------------------------------------------------------------------------------
     def _reserve_decode_slots(self) -> list[Sequence]:
@@ -247,7 +297,7 @@ class Engine:
         chunks: list[tuple[Sequence, int]] = []
         while self.waiting and budget > 0 and len(self.running) + len(chunks) < self.max_batch:
             seq = self.waiting[0]
-            if seq.paged.num_cached == 0 and not seq.paged.blocks:
+            if seq.paged.num_cached == 0 and not seq.paged.blocks and not seq.request.scoring_prompt:
                 self.stats.prefix_hit_tokens += self.pool.attach_prefix(seq.paged)
             n = min(seq.prompt_len - seq.paged.num_cached, budget)
             while self.pool.fits(seq.paged) < n and self._release_newest_partial_prefill(seq):
@@ -314,7 +364,12 @@ class Engine:
                 self._finish(seq, "length")
             if seq.done and seq.text is not None:
                 text += seq.text.flush()
-            outputs.append(Output(seq.request.id, seq.index, token, text, seq.finish_reason, lp))
+            request = seq.request
+            first = request.prompt_logprobs if len(seq.output) == 1 else None
+            out = Output(request.id, seq.index, token, text, seq.finish_reason, lp, now, first)
+            outputs.append(out)
+            if request.sink is not None:
+                request.sink(out)
         return outputs
 
     def _finish(self, seq: Sequence, reason: str) -> None:
@@ -322,6 +377,8 @@ class Engine:
         self.pool.free(seq.paged)
         if seq in self.running:
             self.running.remove(seq)
+        if seq.request.done:  # a long-lived engine (a server) must not keep every request it ever ran
+            self.requests.pop(seq.request.id, None)
 
     def _text_stream(self, params: SamplingParams) -> TextStream | None:
         return TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None

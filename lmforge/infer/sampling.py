@@ -46,12 +46,16 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings: text ends before the first match, even across tokens
     ignore_eos: bool = False  # benchmarks: generate exactly max_new_tokens
     logprobs: int | None = None  # None: off; 0: the chosen token's log-prob; k: plus the top-k alternatives
+    # None: off; k ≥ 0: each prompt token's log-prob given the tokens before it (+ top-k), as OpenAI's `echo`
+    # with logprobs reports them; computed in the engine's prefill, which then skips the prefix cache
+    prompt_logprobs: int | None = None
     n: int = 1  # samples per prompt (they share the prompt's KV blocks in the paged engine)
 
     def __post_init__(self):
         self.stop_ids, self.stop = tuple(self.stop_ids), tuple(self.stop)
         if self.seed is None:
             self.seed = random.randrange(2**31)
+        plp = self.prompt_logprobs
         problems = [  # (bad, field, what it must be): the CLI names the option, the API the field
             (self.max_new_tokens < 1, "max_new_tokens", f"must be ≥ 1, got {self.max_new_tokens}"),
             (self.temperature < 0, "temperature", f"must be ≥ 0 (0 = greedy), got {self.temperature}"),
@@ -61,6 +65,7 @@ class SamplingParams:
             (self.repetition_penalty <= 0, "repetition_penalty", f"must be > 0, got {self.repetition_penalty}"),
             (self.n < 1, "n", f"must be ≥ 1, got {self.n}"),
             (self.logprobs is not None and self.logprobs < 0, "logprobs", f"must be ≥ 0, got {self.logprobs}"),
+            (plp is not None and plp < 0, "prompt_logprobs", f"must be ≥ 0, got {plp}"),
             (any(not s for s in self.stop), "stop", "must not be an empty string"),
         ]
         for bad, name, requirement in problems:

@@ -170,6 +170,25 @@ def test_cancel_frees_every_block_and_stream_yields_tokens():
     assert engine.pool.allocator.num_free == 32
 
 
+def test_interleaved_streams_each_get_all_their_own_tokens():
+    """Two streams read in turn from one engine: each step makes tokens for both, and neither loses the other's."""
+    model = tiny()
+    engine = Engine(model, num_blocks=64, block_size=8)
+    a, b = prompts(2, seed=4)
+    streams = {0: engine.stream(a, GREEDY), 1: engine.stream(b, GREEDY)}
+    got: dict[int, list[int]] = {0: [], 1: []}
+    while streams:
+        for key in list(streams):
+            out = next(streams[key], None)
+            if out is None:
+                del streams[key]
+            else:
+                got[key].append(out.token)
+    assert got[0] == greedy_recompute(model, a, GREEDY.max_new_tokens)
+    assert got[1] == greedy_recompute(model, b, GREEDY.max_new_tokens)
+    assert engine.stats.max_running == 2 and not engine.requests  # batched; finished requests are not kept
+
+
 def test_requests_joining_midway_match_running_alone():
     model = tiny()
     batch = prompts(5)
