@@ -183,27 +183,15 @@ class PairSampler:
         return cls(*load_for_inference(path), **kwargs)
 
     def sample(self, requests: Sequence[tuple[list[dict], int, float]]) -> list[str]:
-        """One completion (text, specials dropped) per (messages, seed, temperature), in order."""
-        from lmforge.infer.engine import Engine
+        """One completion (text, specials dropped) per (messages, seed, temperature), in order; each cut to what
+        the policy's context leaves after its prompt."""
+        from lmforge.infer.replies import generate_replies
         from lmforge.infer.sampling import SamplingParams
 
-        prompts = [self.tokenizer.render_chat(m, add_generation_prompt=True)[0] for m, _, _ in requests]
-        params = []
-        for ids, (_, seed, temperature) in zip(prompts, requests):
-            budget = self.max_new_tokens
-            if self.model.cfg.position == "learned":  # no positions past the table
-                budget = min(budget, self.model.cfg.max_seq_len - len(ids))
-                if budget < 1:
-                    raise ConfigError(f"a prompt of {len(ids)} tokens leaves no room in the policy's "
-                                      f"{self.model.cfg.max_seq_len} positions")  # fmt: skip
-            params.append(SamplingParams(max_new_tokens=budget, temperature=temperature, top_p=self.top_p,
-                                         seed=seed, stop_ids=self.stop_ids))  # fmt: skip
-        block = 16
-        blocks = sum(-(-(len(ids) + p.max_new_tokens) // block) for ids, p in zip(prompts, params))
-        engine = Engine(self.model, tokenizer=self.tokenizer, num_blocks=blocks + 1, block_size=block,
-                        max_batch=len(prompts))  # fmt: skip
-        done = engine.generate(prompts, params)
-        return [self.tokenizer.decode(r.seqs[0].output, skip_special=True) for r in done]
+        params = [SamplingParams(max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=self.top_p,
+                                 seed=seed, stop_ids=self.stop_ids) for _, seed, temperature in requests]  # fmt: skip
+        replies = generate_replies(self.model, self.tokenizer, [m for m, _, _ in requests], params, fit_context=True)
+        return [c.text for c in replies]
 
 
 def _pairs(sampler, items: list[PromptItem], todo: list[int], cfg: PrefsConfig) -> Iterator[Pair]:

@@ -348,18 +348,14 @@ class CheckpointJudge:
         return cls(*load_for_inference(path), **kwargs)
 
     def __call__(self, messages: list[dict]) -> str:
-        from lmforge.infer.generate import generate_stream
+        from lmforge.infer.replies import generate_replies
         from lmforge.infer.sampling import SamplingParams
 
-        ids, _ = self.tokenizer.render_chat(messages, add_generation_prompt=True)
-        cfg = self.model.cfg
-        if cfg.position == "learned" and len(ids) + self.max_new_tokens > cfg.max_seq_len:
-            raise ConfigError(f"the judge prompt is {len(ids)} tokens, past the judge model's {cfg.max_seq_len} "
-                              "positions: use a judge with a longer context, or fewer principles")  # fmt: skip
         stops = (self.tokenizer.special_ids["<|end|>"], self.tokenizer.eos_id)
         params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0, seed=0, stop_ids=stops)
-        out = list(generate_stream(self.model, ids, params, vocab_size=self.tokenizer.vocab_size))
-        return self.tokenizer.decode(out, skip_special=True)
+        # a judge prompt past the judge's context is refused (ContextLengthError): a verdict cut short is no verdict
+        (reply,) = generate_replies(self.model, self.tokenizer, [messages], params)
+        return reply.text
 
 
 def make_rater(spec: str, *, stdin: IO[str], stdout: IO[str], principles: Sequence[str] = DEFAULT_PRINCIPLES,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.infer.engine import Engine
+from lmforge.infer.replies import generate_replies
 from lmforge.infer.sampling import SamplingParams
 from lmforge.train.loop import TrainConfig
 
@@ -35,26 +35,13 @@ class Rollout:
 def rollout(model, tokenizer, prompts: list[list[dict]], *, n: int = 1, temperature: float = 1.0,
             max_new_tokens: int = 16, seed: int = 0, top_p: float = 1.0) -> Rollout:  # fmt: skip
     """`n` sampled responses to each chat prompt (a list of messages ending with the user's turn)."""
-    was_training = model.training
-    end = tokenizer.token_to_id("<|end|>")
-    ids = [tokenizer.render_chat(p, add_generation_prompt=True)[0] for p in prompts]
-    blocks = sum(-(-(len(i) + max_new_tokens) // 16) for i in ids) * n + 16
-    engine = Engine(model, num_blocks=blocks, max_batch=max(len(ids) * n, 1), vocab_size=tokenizer.vocab_size,
-                    token_budget=max(512, sum(map(len, ids))))  # fmt: skip
-    stops = (end, tokenizer.eos_id)
+    stops = (tokenizer.token_to_id("<|end|>"), tokenizer.eos_id)
     params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                             seed=seed * 100_003 + i, stop_ids=stops) for i in range(len(ids))]  # fmt: skip
-    requests = engine.generate(ids, params)
-    seqs, texts, index = [], [], []
-    for i, (prompt, req) in enumerate(zip(ids, requests)):
-        for s in sorted(req.seqs, key=lambda s: s.index):
-            seqs.append((prompt + s.output, [0] * len(prompt) + [1] * len(s.output)))
-            texts.append(tokenizer.decode([t for t in s.output if t not in (end, tokenizer.eos_id)],
-                                          skip_special=True))  # fmt: skip
-            index.append(i)
-    model.train(was_training)
+                             seed=seed * 100_003 + i, stop_ids=stops) for i in range(len(prompts))]  # fmt: skip
+    replies = generate_replies(model, tokenizer, prompts, params)
+    seqs = [(c.prompt + c.ids, [0] * len(c.prompt) + [1] * len(c.ids)) for c in replies]
     rows, mask, last = pad(seqs, tokenizer.pad_id, max_len=10**9)
-    return Rollout(rows, mask, last, texts, index)
+    return Rollout(rows, mask, last, [c.text for c in replies], [c.prompt_index for c in replies])
 
 
 def prompt_pool(task, n: int, seed: int) -> list:

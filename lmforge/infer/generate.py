@@ -6,7 +6,8 @@ preallocated cache; no scheduler), used by `lmforge sample` and `lmforge generat
         ...
 
 Keyword arguments (`max_new_tokens=`, `temperature=`, `top_k=`, `seed=`, `stop_ids=`) are accepted in place
-of a SamplingParams for short calls. Many concurrent requests belong in `lmforge.infer.engine.Engine`.
+of a SamplingParams for short calls. Many concurrent requests belong in `lmforge.infer.engine.Engine` (a batch
+answered to the end: `lmforge.infer.replies.generate_replies`; many consumers: `lmforge.infer.engine_loop`).
 """
 
 from __future__ import annotations

@@ -101,13 +101,13 @@ def sample(run: str | Path, prompt: str, *, max_new_tokens: int = 200, temperatu
            top_k: int | None = 50, seed: int = 0, stream: bool = True) -> str:  # fmt: skip
     """Continue `prompt` with the run's model; prints tokens as they come when `stream`."""
     from lmforge.infer.generate import generate_stream
+    from lmforge.infer.replies import fit_to_context
     from lmforge.tokenizer import Tokenizer
 
     model, tok_path, _ = load_run_model(run)
     tok = Tokenizer.load(tok_path)
     ids = tok.encode(prompt)
-    if model.cfg.position == "learned":  # no positions beyond the table
-        max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - len(ids))
+    max_new_tokens = fit_to_context(model.cfg, len(ids), max_new_tokens)  # a continuation stops at the context
     decoder = tok.incremental_decoder()
     pieces = []
     for token in generate_stream(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0,

@@ -9,7 +9,7 @@ reported with a Wilson 95% interval.
     result["accuracy"], result["ci95"]                                 # 0.413, [0.383, 0.444]
 
 Each prompt is rendered with the chat template (`<|bos|><|user|>What is 482 + 917?<|end|><|assistant|>`) and
-answered greedily by the continuous-batching engine (`lmforge.infer.engine`), all prompts in flight at once,
+answered greedily by the continuous-batching engine (`lmforge.infer.replies`), many prompts in flight at once,
 until the model writes <|end|> (or <|eos|>). A reply counts as correct only if it ended and
 `task.grade(example, reply)` holds: a reply cut off by the token limit never does, or trailing spaces up to
 the limit could pass as an answer the model never finished.
@@ -20,14 +20,12 @@ from __future__ import annotations
 import time
 from typing import NamedTuple
 
-from lmforge.config import UserError
 from lmforge.data.tasks import Split, Task, exact_match_interval, examples, get_task
 from lmforge.tokenizer import END
 
 # Tokens allowed past the longest expected answer: room for <|end|> and for a model that pads its reply
 # with whitespace (which grading strips) before ending it.
 ANSWER_SLACK = 8
-BLOCK_SIZE = 16
 
 
 class Reply(NamedTuple):
@@ -38,43 +36,18 @@ class Reply(NamedTuple):
 
 def greedy_replies(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int = 64,
                    progress: bool = False, desc: str = "generate") -> list[Reply]:  # fmt: skip
-    """Greedy replies to token-id prompts, in order, batched by the engine (at most `batch_size` at a time)."""
-    from tqdm.auto import tqdm
-
-    from lmforge.infer.context import context_limit
-    from lmforge.infer.engine import Engine
+    """Greedy replies to token-id prompts, in order, batched by the engine (at most `batch_size` at a time); a
+    reply is cut to what the model's context leaves after its prompt."""
+    from lmforge.infer.replies import generate_replies
     from lmforge.infer.sampling import SamplingParams
 
-    if not prompts:
-        return []
-    cfg = model.cfg
     stops = (tokenizer.token_to_id(END), tokenizer.eos_id)
-    limit = context_limit(cfg)  # learned positions or unscaled RoPE: none past the trained length
-    params = []
-    for ids in prompts:
-        budget = max_new_tokens if limit is None else min(max_new_tokens, limit - len(ids))  # what is left
-        if budget < 1:
-            raise UserError(f"a prompt of {len(ids)} tokens leaves no room to reply in the model's "
-                            f"{limit} positions")  # fmt: skip
-        params.append(SamplingParams(max_new_tokens=budget, temperature=0, seed=0, stop_ids=stops))
-    # KV blocks for `batch_size` sequences of the longest length, rather than the engine's default of a
-    # fixed number of GiB: a tiny model would otherwise allocate gigabytes it never touches.
-    longest = max(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params, strict=True))
-    batch = max(1, min(batch_size, len(prompts)))
-    num_blocks = batch * -(-longest // BLOCK_SIZE) + 1
-    engine = Engine(model, tokenizer=tokenizer, num_blocks=num_blocks, block_size=BLOCK_SIZE, max_batch=batch)
-    requests = [engine.add_request(ids, p) for ids, p in zip(prompts, params, strict=True)]
-    with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, dynamic_ncols=True,
-              leave=False) as bar:  # fmt: skip
-        while engine.has_work():
-            bar.update(sum(o.finish_reason is not None for o in engine.step()))
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, seed=0, stop_ids=stops)
     replies = []
-    for request in requests:
-        seq = request.seqs[0]
-        out = list(seq.output)
-        ended = seq.finish_reason == "stop" and bool(out) and out[-1] in stops
-        body = out[:-1] if ended else out
-        replies.append(Reply(tokenizer.decode(body), ended, len(out)))
+    for c in generate_replies(model, tokenizer, prompts, params, fit_context=True, max_batch=batch_size,
+                              progress=progress, desc=desc):  # fmt: skip
+        ended = c.finish_reason == "stop" and bool(c.ids) and c.ids[-1] in stops
+        replies.append(Reply(tokenizer.decode(c.ids[:-1] if ended else c.ids), ended, len(c.ids)))
     return replies
 
 
