@@ -9,10 +9,12 @@ from importlib import import_module
 _HOME = {
     "ContiguousKVCache": "kv_cache",
     "Engine": "engine",
+    "EngineLoop": "engine_loop",
     "PagedKVPool": "paged",
     "SamplingParams": "sampling",
     "SlidingKVCache": "sliding",
     "TokenMergingCache": "merging",
+    "generate_replies": "replies",
     "quantize_model": "quantize",
     "speculative_generate": "speculative",
 }

@@ -130,7 +130,7 @@ class Engine:
     def capacity_line(self) -> str:
         pool, cfg = self.pool, self.cfg
         per_seq = -(-cfg.max_seq_len // pool.block_size)
-        kind = "int8" if pool.int8 else str(self.dtype).removeprefix("torch.")
+        kind = str(pool.store.kv_dtype).removeprefix("torch.")  # what the pool stores: the model's dtype, bf16, int8
         return (f"KV cache: {pool.num_blocks} blocks × {pool.block_size} tokens = {pool.capacity_tokens:,} tokens "
                 f"({pool.nbytes() / 2**20:,.0f} MiB, {kind}); {pool.num_blocks // per_seq} concurrent sequences "
                 f"of {cfg.max_seq_len} tokens (more when shorter; at most {self.max_batch} per step)")  # fmt: skip

@@ -127,10 +127,6 @@ class PagedKVPool:
     def v(self) -> torch.Tensor:
         return self.store.v
 
-    @property
-    def int8(self) -> bool:
-        return self.store.quantized
-
     def scratch(self, key, shape: tuple[int, ...], dtype) -> torch.Tensor:
         """A reused buffer for gathered keys or values. Fresh 100 MB tensors every layer of every step cost
         more in page faults than the copy itself (index_select into a new tensor: 28 ms for 61 MB here;

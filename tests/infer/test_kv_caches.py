@@ -77,6 +77,10 @@ def test_paged_pool_stores_each_kv_dtype_as_the_contiguous_cache_does(kv_dtype):
     assert pool.nbytes() / fp32.nbytes() == {"bf16": 1 / 2, "int8": (1 + 4 / cfg.head_dim) / 4}[kv_dtype]
     with pytest.raises(UserError, match="kv_dtype must be one of"):
         PagedKVPool(cfg, num_blocks=8, kv_dtype="fp4")
+    from lmforge.infer.engine import Engine
+
+    stored = {"bf16": "bfloat16", "int8": "int8"}[kv_dtype]
+    assert f"MiB, {stored})" in Engine(model, num_blocks=8, kv_dtype=kv_dtype).capacity_line()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
