@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend
 
 from benchmarks.harness import Bench, Table, add_common_args, apply_common_args, command_line, record
 from benchmarks.memory import peak_live_memory
+from lmforge.hardware import torch_dtype
 from lmforge.model import ModelConfig
 from lmforge.model.attention import (
     block_sparse_attention,
@@ -41,7 +42,7 @@ from lmforge.model.positions import RotaryEmbedding, apply_rope
 H, D, WINDOW, CHUNK = 12, 64, 256, 64
 KERNELS = ["naive", "sdpa", "sliding_window", "block_sparse", "linear"]
 SUBQUADRATIC = ["sliding_window", "block_sparse", "linear"]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {name: torch_dtype(name) for name in ("fp32", "bf16")}  # the dtypes timed, by their short names
 
 
 def block_for(T: int) -> int:

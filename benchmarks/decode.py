@@ -441,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     print(f"baseline: HF transformers {transformers.__version__} GPT2LMHeadModel.generate, sdpa, default cache, "
           f"no compile; threads {torch.get_num_threads()}")  # fmt: skip
     if not args.quick:  # measured once, cached in ~/.cache/lmforge
-        from lmforge.train.mfu import cpu_bf16_ratio, cpu_supports_fast_bf16
+        from lmforge.train.peak import cpu_bf16_ratio, cpu_supports_fast_bf16
 
         fast = "fast bf16" if cpu_supports_fast_bf16() else "no fast bf16 (emulated)"
         print(f"this CPU: bf16 matmuls at {cpu_bf16_ratio():.1%} of the fp32 rate: {fast}")

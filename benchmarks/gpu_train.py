@@ -1,7 +1,7 @@
 """GPU training throughput and MFU of the GPT-2-124M-shaped model, for an offline CUDA machine.
 
-Needs only a CUDA build of torch (plus this repository: `lmforge.model` and `lmforge.train.mfu` import
-nothing but torch and the standard library); installs nothing, downloads nothing. Run from the repository
+Needs only a CUDA build of torch and PyYAML (plus this repository: `lmforge.model`, `lmforge.hardware` and
+`lmforge.train.peak` import nothing else); installs nothing, downloads nothing. Run from the repository
 root, as `benchmarks/gpu.sh` does:
 
     PYTHONPATH=. python benchmarks/gpu_train.py            # results also in $OUT/gpu_results.json (or ./)
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -39,20 +38,6 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make `lmforge` importable without PYTHONPATH too
     sys.path.insert(0, str(REPO))
-
-
-def load_mfu():
-    """lmforge.train.mfu; if the package's __init__ pulls in something a bare torch install lacks, the file
-    alone (it imports only torch and the standard library)."""
-    try:
-        from lmforge.train import mfu
-
-        return mfu
-    except Exception:
-        spec = importlib.util.spec_from_file_location("lmforge_mfu", REPO / "lmforge" / "train" / "mfu.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
 
 
 def small_config(smoke: bool):
@@ -263,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     smoke = args.cpu_smoke
     device = torch.device("cpu") if smoke else torch.device("cuda")
     out_path = args.out or Path(os.environ.get("OUT") or ".") / "gpu_results.json"
-    mfu_mod = load_mfu()
+    from lmforge.hardware import nominal_peak
+    from lmforge.train.peak import matmul_peak
+
     cfg = small_config(smoke)
     fpt = cfg.flops_per_token(cfg.max_seq_len)
     batches = [2] if smoke else [16, 8]
@@ -292,10 +279,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def peak():
         n = 256 if smoke else 8192
-        m = mfu_mod.matmul_peak(torch.bfloat16, device, n, 5, refresh=True, max_seconds=30.0)
+        m = matmul_peak(torch.bfloat16, device, n, 5, refresh=True, max_seconds=30.0)
         peaks["measured"] = m.flops
         info = {"measured_tflops": m.flops / 1e12, "measured_n": m.n, "measured": m.describe()}
-        found = mfu_mod.nominal_peak(torch.cuda.get_device_name(), "bf16") if device.type == "cuda" else None
+        found = nominal_peak(torch.cuda.get_device_name(), "bf16") if device.type == "cuda" else None
         if found:
             peaks["nominal"] = found[0]
             info.update(nominal_tflops=found[0] / 1e12, nominal_source=found[1])

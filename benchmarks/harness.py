@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from lmforge.train.mfu import cpu_isa, cpu_model
+from lmforge.hardware import cpu_isa, cpu_model
 
 from .formatting import fmt_bytes, fmt_count, fmt_seconds
 from .memory import MemoryResult, peak_live_memory, peak_rss_growth

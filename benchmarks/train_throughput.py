@@ -53,7 +53,8 @@ from benchmarks.harness import (
 )
 from lmforge.model import ModelConfig, Transformer
 from lmforge.train.loop import TrainConfig, make_optimizer
-from lmforge.train.mfu import cpu_bf16_ratio, matmul_peak, mfu
+from lmforge.train.mfu import mfu
+from lmforge.train.peak import cpu_bf16_ratio, matmul_peak
 
 VOCAB, T, LR = 65, 256, 3e-4
 PEAK_N = 2048
@@ -65,10 +66,10 @@ class Shape:
     n_layer: int = 6
     batch: int = 16
 
-    def config(self, checkpointing: bool = False) -> ModelConfig:
+    def config(self) -> ModelConfig:
         return ModelConfig(
             vocab_size=VOCAB, max_seq_len=T, n_layer=self.n_layer, d_model=384, n_head=6,
-            ffn="gelu_tanh", position="learned", dropout=0.0, activation_checkpointing=checkpointing,
+            ffn="gelu_tanh", position="learned", dropout=0.0,
         )  # fmt: skip
 
     @property
@@ -78,8 +79,8 @@ class Shape:
 
 def make_lmforge(shape: Shape, checkpointing: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    model = Transformer(shape.config(checkpointing))
-    for block in model.blocks:  # the flag the block reads (set by the config too; explicit here)
+    model = Transformer(shape.config())
+    for block in model.blocks:  # the flag the block reads (the Trainer sets it from TrainConfig)
         block.checkpoint = checkpointing
     return model.train()
 

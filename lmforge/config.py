@@ -20,6 +20,11 @@ list[...], tuple[...], dict[...], nested dataclasses). Override values are parse
 `null`, `1e-3` and `[1, 2]` mean what they look like. Every problem raises `ConfigError` with a one-line
 message naming the key and what to do about it, and where the bad value came from: `override train.lr=abc: ...`
 for the command line, `configs/x.yaml: ...` for the file (also when a section's validate() objects to it).
+
+A setting that moves keeps old run folders loadable: the dataclass it left lists it in a class attribute
+`retired_keys: ClassVar[dict[str, str]]` (key → where it lives now). A file holding one still loads, the key
+dropped (with a warning when it was set to something other than false or null); an override naming it is refused
+with the new place.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import copy
 import dataclasses
 import difflib
 import types
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -254,8 +260,11 @@ def _check_key_path(cls: type, parts: list[str], text: str) -> None:
         if not (dataclasses.is_dataclass(tp) and isinstance(tp, type)):
             raise ConfigError(f"override {text!r}: '{section}' is {_describe(tp)}, not a section", section)
         names = _field_names(tp)
+        dotted = ".".join(parts[: i + 1])
+        if part in getattr(tp, "retired_keys", {}):
+            moved = tp.retired_keys[part]
+            raise ConfigError(f"'{dotted}' in override {text!r} is no longer a setting: use {moved}", dotted)
         if part not in names:
-            dotted = ".".join(parts[: i + 1])
             prefix = f"{section}." if section else ""
             hint = _hint(part, names, prefix)
             raise ConfigError(f"unknown key '{dotted}' in override {text!r}{hint}", dotted)
@@ -272,7 +281,12 @@ def _build(cls: type[T], data: Any, prefix: str) -> T:
         raise _Mismatch(f"{prefix or cls.__name__}: expected {_describe(cls)}, got {_show(data)}", prefix)
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    retired = getattr(cls, "retired_keys", {})  # keys older files hold: dropped, so those files still load
     for key in data:
+        if key in retired and key not in fields:
+            if data[key] not in (None, False):  # a setting that no longer does anything here: say where it went
+                warnings.warn(f"{_join(prefix, str(key))} is ignored: use {retired[key]}", stacklevel=2)
+            continue
         if key not in fields:
             dotted = _join(prefix, str(key))
             raise ConfigError(f"unknown key '{dotted}'{_hint(str(key), list(fields), '')}", dotted)

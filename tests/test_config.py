@@ -187,6 +187,29 @@ def test_unknown_override_key(tmp_path):
     assert "model.n_layers=4" in message
 
 
+def test_a_retired_key_of_an_older_file_is_dropped(tmp_path):
+    # Run folders saved while activation checkpointing was a ModelConfig field hold model.activation_checkpointing;
+    # it is the trainer's setting now (train.activation_checkpointing), and those folders must still load.
+    import warnings
+
+    from lmforge.train.pretrain import PretrainConfig
+
+    path = write(tmp_path, "model:\n  n_layer: 2\n  activation_checkpointing: false\ntrain:\n  steps: 3\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # false did nothing then and does nothing now: no word about it
+        cfg = load_config(PretrainConfig, path)
+    assert cfg.model.n_layer == 2 and cfg.train.steps == 3 and not cfg.train.activation_checkpointing
+    assert "activation_checkpointing" not in to_dict(cfg.model)
+
+    path = write(tmp_path, "model:\n  activation_checkpointing: true\n")
+    with pytest.warns(UserWarning, match=r"model\.activation_checkpointing is ignored: use train\.activation_che"):
+        assert load_config(PretrainConfig, path) == PretrainConfig()
+
+    message = error(load_config, PretrainConfig, None, ["model.activation_checkpointing=true"])
+    assert "no longer a setting: use train.activation_checkpointing" in message
+    assert load_config(PretrainConfig, None, ["train.activation_checkpointing=true"]).train.activation_checkpointing
+
+
 def test_override_into_a_scalar_is_an_error():
     message = error(load_config, Recipe, None, ["steps.x=1"])
     assert "'steps' is an int, not a section" in message

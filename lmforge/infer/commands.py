@@ -11,9 +11,10 @@ from pathlib import Path
 
 from lmforge.cli import command
 from lmforge.config import UserError
+from lmforge.hardware import QUANT_SCHEMES
 
 KV_CHOICES = ["contiguous", "int8", "paged", "paged-int8", "sliding"]
-QUANT_CHOICES = ["int8", "w8a8", "int4", "bf16"]
+QUANT_CHOICES = list(QUANT_SCHEMES)  # lmforge.infer.quantize.SCHEMES is keyed by the same tuple
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}

@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from lmforge.config import UserError, from_dict, to_dict
+from lmforge.hardware import QUANT_SCHEMES
 from lmforge.infer import kernels
 from lmforge.model import ModelConfig, Transformer
 from lmforge.runs import atomic_write_bytes
@@ -301,8 +302,10 @@ class BF16Linear(QuantizedLinear):
         return self._add_bias(F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype))
 
 
-SCHEMES: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear,
-                                             "bf16": BF16Linear}  # fmt: skip
+# One module class per scheme name of lmforge.hardware.QUANT_SCHEMES (the CLI's choices, the planner's bytes): a
+# name without a class fails here, at import, rather than when a user picks it.
+_CLASSES = {cls.scheme: cls for cls in (Int8Linear, W8A8Linear, Int4Linear, BF16Linear)}
+SCHEMES: dict[str, type[QuantizedLinear]] = {name: _CLASSES[name] for name in QUANT_SCHEMES}
 
 
 def _scheme(scheme: str) -> type[QuantizedLinear]:

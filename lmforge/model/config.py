@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from lmforge.config import ConfigError
+from lmforge.hardware import dtype_bytes
 
 Attention = Literal["sdpa", "naive", "sliding_window", "block_sparse", "linear"]
 Position = Literal["sinusoidal", "learned", "relative", "alibi", "rope", "none"]
 RopeScaling = Literal["linear", "dynamic", "llama3"]
 FeedForward = Literal["relu", "gelu", "gelu_tanh", "swiglu"]
 Norm = Literal["layernorm", "rmsnorm"]
-
-DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "int8": 1}
 
 
 @dataclass
@@ -57,9 +56,13 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
-    activation_checkpointing: bool = False
 
     extra: dict = field(default_factory=dict)  # free-form metadata (e.g. the HF family it came from)
+
+    # Keys an older config.yaml (or a quantized file's metadata) may hold: loading drops them (lmforge.config),
+    # and each says where the setting lives now. Checkpointing activations is the trainer's choice, not the
+    # architecture's: the trainer sets each Block's `checkpoint` flag.
+    retired_keys: ClassVar[dict[str, str]] = {"activation_checkpointing": "train.activation_checkpointing"}
 
     def __post_init__(self) -> None:
         # Fields left None are derived; remember which, so a saved config re-derives them when loaded with
@@ -216,13 +219,13 @@ class ModelConfig:
         return 6 * n + 12 * self.n_layer * self.q_dim * t
 
     def weight_bytes(self, dtype: str = "float32") -> int:
-        return self.param_counts()["total"] * DTYPE_BYTES[dtype]
+        return self.param_counts()["total"] * dtype_bytes(dtype)
 
     def kv_bytes_per_token(self, dtype: str = "float32") -> int:
         """K and V of every layer for one token: 2 · L · n_kv_head · head_dim · bytes."""
         if self.attention == "linear":
             return 0  # linear attention keeps a fixed-size state instead of a per-token cache
-        return 2 * self.n_layer * self.kv_dim * DTYPE_BYTES[dtype]
+        return 2 * self.n_layer * self.kv_dim * dtype_bytes(dtype)
 
     def summary(self) -> str:
         c = self.param_counts()

@@ -17,10 +17,11 @@ from pathlib import Path
 
 from lmforge.cli import command
 from lmforge.config import ConfigError, UserError
+from lmforge.hardware import COMPUTE_DTYPES, DTYPES, QUANT_SCHEMES
 
-PRECISIONS = ["fp32", "bf16", "fp16"]
-KV_DTYPES = ["fp32", "bf16", "fp16", "fp8", "int8"]
-QUANT_CHOICES = ["int8", "w8a8", "int4", "bf16"]  # lmforge.infer.quantize.SCHEMES
+PRECISIONS = list(COMPUTE_DTYPES)  # fp32, bf16, fp16: what training autocasts to, what weights are served in
+KV_DTYPES = list(DTYPES)  # fp32, bf16, fp16, fp8, int8
+QUANT_CHOICES = list(QUANT_SCHEMES)  # lmforge.infer.quantize.SCHEMES is keyed by the same tuple
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:

@@ -20,11 +20,11 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from lmforge.config import UserError
+from lmforge.hardware import COMPUTE_DTYPES, DTYPES, NOMINAL_PEAKS, OTHER_PEAKS, QUANT_SCHEMES, dtype_bytes
 from lmforge.model.config import ModelConfig
 
 TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022: ~20 tokens per parameter on their compute-optimal frontier
 GiB = 2**30
-_ACT = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes of a matmul output under autocast (fp32: no autocast)
 
 
 def _positive(**values: float) -> None:
@@ -70,9 +70,7 @@ class Accelerator:
 
 
 def _accelerator_table() -> dict[str, dict]:
-    from lmforge.train.mfu import NOMINAL_PEAKS, OTHER_PEAKS  # one table of datasheet figures, shared with MFU
-
-    return {**NOMINAL_PEAKS, **OTHER_PEAKS}
+    return {**NOMINAL_PEAKS, **OTHER_PEAKS}  # one table of datasheet figures (lmforge.hardware), shared with MFU
 
 
 def _key(name: str) -> str:
@@ -85,7 +83,7 @@ ALIASES = {"h100": "H100 SXM", "a10080gb": "A100", "tpu": "TPU v4"}
 def accelerator(
     name: str, *, dtype: str = "bf16", peak_tflops: float | None = None, memory_gib: float | None = None
 ) -> Accelerator:
-    """An accelerator from the datasheet table (`lmforge.train.mfu.NOMINAL_PEAKS` and `OTHER_PEAKS`): "h100",
+    """An accelerator from the datasheet table (`lmforge.hardware.NOMINAL_PEAKS` and `OTHER_PEAKS`): "h100",
     "H100 PCIe", "a100-40gb", "tpu-v4", ... `peak_tflops` / `memory_gib` override the datasheet (or describe an
     accelerator not in it: name "custom" with both given)."""
     table = _accelerator_table()
@@ -170,9 +168,9 @@ def layer_activations(
     attention dropout itself; elsewhere (CPU) a mask is kept in its input's dtype and sdpa with dropout falls
     back to the math kernel, which saves the scores as the naive one does. Sliding-window, block-sparse and
     linear attention are counted as sdpa (their chunked buffers are not modelled)."""
-    if precision not in _ACT:
+    if precision not in COMPUTE_DTYPES:
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
-    a, d, mixed = _ACT[precision], cfg.d_model, precision != "fp32"
+    a, d, mixed = dtype_bytes(precision), cfg.d_model, precision != "fp32"  # a matmul output's bytes
     dropout = cfg.dropout > 0
     mask = 1 if device == "cuda" else a  # bytes per element of a dropout mask
     stats = 4 if cfg.norm == "rmsnorm" else 8  # rstd (and mean): fp32 per token
@@ -250,7 +248,7 @@ def training_memory(
         raise ValueError(f"sharding must be ddp or fsdp, got {sharding!r}")
     mixed = precision != "fp32"
     per_token = layer_activations(cfg, seq_len, precision, device)
-    a, d, V, L = _ACT[precision], cfg.d_model, cfg.vocab_size, cfg.n_layer
+    a, d, V, L = dtype_bytes(precision), cfg.d_model, cfg.vocab_size, cfg.n_layer
     tokens = micro_batch * seq_len
     counts = cfg.param_counts()
     n_params, block_params = counts["total"], counts["blocks"] / L
@@ -336,15 +334,6 @@ def training_memory(
 
 # ---- serving: weights, KV cache, what fits -----------------------------------------------------------------
 
-BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "int8": 1}
-QUANT_SCHEMES = ("int8", "w8a8", "int4", "bf16")  # lmforge.infer.quantize.SCHEMES
-
-
-def _bytes(dtype: str) -> int:
-    if dtype not in BYTES:
-        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(sorted(BYTES))}")
-    return BYTES[dtype]
-
 
 def _linears(cfg: ModelConfig) -> list[tuple[int, int, bool]]:
     """(in, out, bias) of every layer `quantize_model` replaces: each block's linears, then the LM head."""
@@ -375,11 +364,11 @@ def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", quantize: str | None = N
     copy), embeddings and norms left in `dtype` — what `quantization_report(...)["model_bytes"]` reports."""
     counts = cfg.param_counts()
     if quantize is None:
-        return counts["total"] * _bytes(dtype)
+        return counts["total"] * dtype_bytes(dtype)
     linears = _linears(cfg)
     replaced = sum(i * o + (o if b else 0) for i, o, b in linears[:-1])
     replaced += 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model  # a tied head's weight stays as embedding
-    rest = (counts["total"] - replaced) * _bytes(dtype)
+    rest = (counts["total"] - replaced) * dtype_bytes(dtype)
     return rest + sum(quantized_linear_bytes(i, o, b, quantize, group_size) for i, o, b in linears)
 
 
@@ -391,8 +380,8 @@ def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str = "bf16", model_dtype: st
     if cfg.attention == "linear":
         return 0.0
     per_value = 2 * cfg.n_layer * cfg.n_kv_head
-    scales = per_value * _bytes(model_dtype) if kv_dtype == "int8" else 0
-    return per_value * cfg.head_dim * _bytes(kv_dtype) + scales
+    scales = per_value * dtype_bytes(model_dtype) if kv_dtype == "int8" else 0
+    return per_value * cfg.head_dim * dtype_bytes(kv_dtype) + scales
 
 
 def kv_cache_bytes(
@@ -401,7 +390,7 @@ def kv_cache_bytes(
     """KV cache of `batch` sequences of `context` tokens (linear attention: its S, z state per layer and head)."""
     _positive(context=context, batch=batch)
     if cfg.attention == "linear":
-        return cfg.n_layer * batch * cfg.n_head * (cfg.head_dim**2 + cfg.head_dim) * _bytes(model_dtype)
+        return cfg.n_layer * batch * cfg.n_head * (cfg.head_dim**2 + cfg.head_dim) * dtype_bytes(model_dtype)
     return context * batch * kv_bytes_per_token(cfg, kv_dtype, model_dtype)
 
 
@@ -469,7 +458,7 @@ class KVExample:
             f"{self.context:,} tokens × kv_dim {self.kv_dim} × {self.n_layer} layers × 2 (K and V){batch} "
             f"= {e:,} elements ({e / 1e9:.1f}e9)",
             "that product counts elements, not bytes: read as bytes it assumes 1 byte per element (int8 / fp8 KV)",
-            *(f"  {k:<5} {v} B/element → {gb(e * v)}" for k, v in (("fp32", 4), ("bf16", 2), ("int8", 1))),
+            *(f"  {k:<5} {DTYPES[k].bytes} B/element → {gb(self.bytes[k])}" for k in ("fp32", "bf16", "int8")),
             f"bf16/fp16 (2 bytes) is the usual cache: {gb(self.bytes['bf16'])} per "
             f"{'batch' if self.batch > 1 else 'sequence'}; a batch of B sequences needs B times that",
             "if the ×2 is read as fp16's 2 bytes instead, K alone is counted: V doubles it",
@@ -482,4 +471,4 @@ def kv_worked_example(context: int = 128 * 1024, kv_dim: int = 1024, n_layer: in
     times bytes per element (see `kv_bytes_per_token` for one config)."""
     _positive(context=context, kv_dim=kv_dim, n_layer=n_layer, batch=batch)
     elements = context * kv_dim * n_layer * 2 * batch
-    return KVExample(context, kv_dim, n_layer, batch, elements, {k: elements * v for k, v in BYTES.items()})
+    return KVExample(context, kv_dim, n_layer, batch, elements, {k: elements * d.bytes for k, d in DTYPES.items()})

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lmforge.config import ConfigError
+from lmforge.hardware import dtype_bytes, quant_bytes_per_weight
 
 from . import estimate as est
 
@@ -217,8 +218,8 @@ def _bytes_per_weight(o: PlanOptions) -> float:
     """Bytes per parameter without a config: every weight in `dtype`, or quantized as lmforge stores it (int4:
     half a byte + an fp32 scale and a uint8 zero point per group; int8's per-row scales are negligible)."""
     if o.quantize is None:
-        return est.BYTES[o.dtype]
-    return {"int8": 1.0, "w8a8": 1.0, "int4": 0.5 + 5 / o.group_size, "bf16": 2.0}[o.quantize]
+        return dtype_bytes(o.dtype)
+    return quant_bytes_per_weight(o.quantize, o.group_size)
 
 
 # ---- rendering -----------------------------------------------------------------------------------------------

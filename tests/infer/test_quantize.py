@@ -57,6 +57,21 @@ def rel_error(a, b):
 
 
 # ---- one weight matrix ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", ALL)
+def test_schemes_are_the_one_list_and_store_its_bytes_per_weight(scheme):
+    # lmforge.hardware holds the scheme names (the CLI's --quantize choices, the planner's bytes per weight);
+    # SCHEMES is keyed by them, and each class stores what the planner counts.
+    from lmforge.hardware import QUANT_SCHEMES, quant_bytes_per_weight
+    from lmforge.scaling.estimate import quantized_linear_bytes
+
+    assert tuple(SCHEMES) == QUANT_SCHEMES and SCHEMES[scheme].scheme == scheme
+    layer = SCHEMES[scheme].from_linear(nn.Linear(1024, 256, bias=True), group_size=64)
+    stored = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+    assert stored == quantized_linear_bytes(1024, 256, True, scheme, 64)
+    weights = stored - 4 * 256  # less the fp32 bias
+    assert weights / (1024 * 256) == pytest.approx(quant_bytes_per_weight(scheme, 64), rel=0.005)
+
+
 def test_int8_rounding_is_within_half_a_step_per_row():
     torch.manual_seed(0)
     w = torch.randn(48, 96) * 0.05
