@@ -5,8 +5,8 @@
     lmforge prepare --config configs/data/stdlib.yaml vocab_size=8192 seed=1
     lmforge tokenizer train --source python-stdlib --vocab-size 4096 --out tokenizers/stdlib-4096
 
-Registered through lmforge.cli.COMMAND_MODULES, so this module imports nothing heavy at the top: `lmforge
---help` must not load numpy, torch or tokenizers.
+Registered through lmforge.registry (lmforge.cli.COMMAND_MODULES lists this module), so it imports nothing heavy at
+the top: `lmforge --help` must not load numpy, torch or tokenizers.
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lmforge.cli import command
 from lmforge.config import UserError
 from lmforge.hardware import QUANT_SCHEMES
+from lmforge.registry import command
 
 KV_CHOICES = ["contiguous", "int8", "paged", "paged-int8", "sliding"]
 QUANT_CHOICES = list(QUANT_SCHEMES)  # lmforge.infer.quantize.SCHEMES is keyed by the same tuple

@@ -15,18 +15,11 @@ from __future__ import annotations
 import torch
 
 from lmforge.config import UserError
+from lmforge.hardware import torch_dtypes
 from lmforge.infer import kernels
 from lmforge.model import Cache, ModelConfig
 
-KV_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "int8": torch.int8,
-}
+KV_DTYPES = torch_dtypes("fp32", "bf16", "fp16", "int8")  # every spelling of what K/V may be stored in
 
 
 def storage_dtype(kv_dtype: str | torch.dtype | None, dtype: torch.dtype) -> torch.dtype:

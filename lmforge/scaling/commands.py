@@ -15,9 +15,9 @@ import json
 import math
 from pathlib import Path
 
-from lmforge.cli import command
 from lmforge.config import ConfigError, UserError
 from lmforge.hardware import COMPUTE_DTYPES, DTYPES, QUANT_SCHEMES
+from lmforge.registry import command
 
 PRECISIONS = list(COMPUTE_DTYPES)  # fp32, bf16, fp16: what training autocasts to, what weights are served in
 KV_DTYPES = list(DTYPES)  # fp32, bf16, fp16, fp8, int8
@@ -76,7 +76,7 @@ def plan(args: argparse.Namespace) -> None:
 
 
 def _scaling_args(p: argparse.ArgumentParser) -> None:
-    from lmforge.cli import add_config_arguments
+    from lmforge.registry import add_config_arguments
 
     sub = p.add_subparsers(dest="scaling_command", metavar="fit|sweep", required=True)
     fit = sub.add_parser("fit", help="fit scaling laws to a CSV of runs, run folders or a run's loss curve",
@@ -129,7 +129,7 @@ def _scaling_args(p: argparse.ArgumentParser) -> None:
 @command("scaling", help="fit scaling laws to runs, or run an IsoFLOP sweep", arguments=_scaling_args)
 def scaling(args: argparse.Namespace) -> None:
     if args.scaling_command == "sweep":
-        from lmforge.cli import config_from_args
+        from lmforge.registry import config_from_args
         from lmforge.scaling.sweep import SweepConfig, run_sweep
 
         root = run_sweep(config_from_args(SweepConfig, args), dry_run=args.dry_run)

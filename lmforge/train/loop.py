@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from lmforge.hardware import cpu_has_native_bf16
+from lmforge.hardware import cpu_has_native_bf16, torch_dtype
 from lmforge.runs import RunDir, Stopped
 
 from . import distributed as dist_utils
@@ -314,8 +314,7 @@ class Trainer:
     def _autocast(self):
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=torch_dtype(self.precision))
 
     def _speed(self, tokens: int, dt: float) -> dict[str, float]:
         global_tokens = tokens * self.env.world_size
