@@ -36,7 +36,6 @@ __all__ = [
     "cpu_supports_fast_bf16",
     "default_cache_path",
     "matmul_peak",
-    "measure_matmul_peak",
 ]
 
 
@@ -240,27 +239,11 @@ def matmul_peak(
     return PeakMeasurement(**{**record, "key": key, "cached": False})
 
 
-def measure_matmul_peak(
-    dtype: torch.dtype | str = torch.float32,
-    device: str | torch.device = "cpu",
-    n: int = 2048,
-    repeats: int = 5,
-    *,
-    refresh: bool = False,
-    cache_path: str | os.PathLike[str] | None = None,
-    max_seconds: float = 20.0,
-) -> float:
-    """FLOP/s of square n×n matmuls (best of `repeats`), measured once and cached; see `matmul_peak`."""
-    return matmul_peak(dtype, device, n, repeats, refresh=refresh, cache_path=cache_path, max_seconds=max_seconds).flops
-
-
 def cpu_bf16_ratio(n: int = 512, *, refresh: bool = False, cache_path: str | os.PathLike[str] | None = None) -> float:
     """Measured bf16 ÷ fp32 matmul FLOP/s on this CPU at n×n (cached): ~2 with AVX-512-bf16/AMX, ~0.01 on
     an AVX2-only part, where bf16 is emulated."""
     kw = dict(refresh=refresh, cache_path=cache_path, max_seconds=5.0)
-    bf16 = measure_matmul_peak(torch.bfloat16, "cpu", n, **kw)
-    fp32 = measure_matmul_peak(torch.float32, "cpu", n, **kw)
-    return bf16 / fp32
+    return matmul_peak(torch.bfloat16, "cpu", n, **kw).flops / matmul_peak(torch.float32, "cpu", n, **kw).flops
 
 
 def cpu_supports_fast_bf16(

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,10 +31,10 @@ def test_measured_peak_is_cached_and_refreshable(tmp_path):
     # refresh=True measures and overwrites it
     stored[first.key]["flops"] = 123.0
     path.write_text(json.dumps(stored))
-    assert m.measure_matmul_peak(torch.float32, "cpu", n=64, repeats=2, cache_path=path) == first.flops
+    assert m.matmul_peak(torch.float32, "cpu", n=64, repeats=2, cache_path=path).flops == first.flops
     m._MEMO.clear()
-    assert m.measure_matmul_peak(torch.float32, "cpu", n=64, repeats=2, cache_path=path) == 123.0
-    fresh = m.measure_matmul_peak(torch.float32, "cpu", n=64, repeats=2, cache_path=path, refresh=True)
+    assert m.matmul_peak(torch.float32, "cpu", n=64, repeats=2, cache_path=path).flops == 123.0
+    fresh = m.matmul_peak(torch.float32, "cpu", n=64, repeats=2, cache_path=path, refresh=True).flops
     assert fresh != 123.0
     assert json.loads(path.read_text())[first.key]["flops"] == fresh
 
@@ -45,11 +46,11 @@ def test_measured_peak_is_cached_and_refreshable(tmp_path):
 def test_corrupt_or_unwritable_cache_does_not_fail(tmp_path):
     path = tmp_path / "peak.json"
     path.write_text("{not json")
-    assert m.measure_matmul_peak(torch.float32, "cpu", n=32, repeats=1, cache_path=path) > 0
+    assert m.matmul_peak(torch.float32, "cpu", n=32, repeats=1, cache_path=path).flops > 0
     assert json.loads(path.read_text())  # rewritten whole
     blocked = tmp_path / "file" / "peak.json"
     (tmp_path / "file").write_text("a file where the folder should be")
-    assert m.measure_matmul_peak(torch.float32, "cpu", n=32, repeats=1, cache_path=blocked) > 0
+    assert m.matmul_peak(torch.float32, "cpu", n=32, repeats=1, cache_path=blocked).flops > 0
 
 
 def test_slow_dtype_is_measured_smaller_instead_of_hanging(tmp_path):
@@ -64,9 +65,9 @@ def test_fast_bf16_is_the_ratio_against_a_threshold(tmp_path, monkeypatch):
 
     def fake(dtype, device, n, **kw):
         calls.append(dtype)
-        return {torch.bfloat16: 1e9, torch.float32: 100e9}[dtype]
+        return SimpleNamespace(flops={torch.bfloat16: 1e9, torch.float32: 100e9}[dtype])
 
-    monkeypatch.setattr(m, "measure_matmul_peak", fake)
+    monkeypatch.setattr(m, "matmul_peak", fake)
     assert m.cpu_bf16_ratio(cache_path=path) == pytest.approx(0.01)
     assert not m.cpu_supports_fast_bf16(cache_path=path)
     assert m.cpu_supports_fast_bf16(threshold=0.005, cache_path=path)
