@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved runs of each side (default 3)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", nargs="+", choices=sorted(WORKLOADS), help="a subset of the workloads")
+    ap.add_argument("--record", action="store_true", help="append the ratios to docs/benchmarks.md")
     args = ap.parse_args(argv)
     if not (args.baseline / "lmforge" / "__init__.py").is_file():
         raise SystemExit(f"--baseline {args.baseline}: no lmforge/ there; make one with git worktree add PATH COMMIT")
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"A = {git_commit(sides['A'])}\nB = {git_commit(sides['B'])} (working tree)")
     print(f"CPU {cpu}, {args.threads} threads, {args.rounds} interleaved rounds, medians\n")
     print("| workload | unit | A | B | B ÷ A |\n|---|---|---|---|---|")
+    figures = []
     for workload in args.only or WORKLOADS:
         unit, better, _ = WORKLOADS[workload]
         runs: dict[str, list[float]] = {"A": [], "B": []}
@@ -149,7 +151,14 @@ def main(argv: list[str] | None = None) -> None:
         a, b = (statistics.median(runs[s]) for s in "AB")
         ratio = b / a if better == "higher" else a / b  # > 1: B faster
         print(f"| {workload} | {unit} | {a:.1f} | {b:.1f} | {ratio:.3f} |", flush=True)
+        figures.append(f"{workload} {ratio:.3f} ({a:.1f} → {b:.1f} {unit})")
     print("\nB ÷ A above 1: the working tree is faster (for ms/step the ratio is A ÷ B, so above 1 is faster too).")
+    if args.record:
+        from benchmarks.harness import command_line, record
+
+        a_commit, b_commit = (git_commit(sides[s]).split()[0] for s in "AB")
+        print(record(f"A/B speed, {b_commit} ÷ {a_commit} (medians of {args.rounds} interleaved runs; > 1 faster)",
+                     "; ".join(figures), command_line()))  # fmt: skip
 
 
 if __name__ == "__main__":
