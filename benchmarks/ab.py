@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                 if line.startswith("model name")), platform.processor())  # fmt: skip
     print(f"A = {git_commit(sides['A'])}\nB = {git_commit(sides['B'])} (working tree)")
     print(f"CPU {cpu}, {args.threads} threads, {args.rounds} interleaved rounds, medians\n")
-    print("| workload | unit | A | B | B ÷ A |\n|---|---|---|---|---|")
+    print("| workload | unit | A | B | B ÷ A | runs A | runs B |\n|---|---|---|---|---|---|---|")
     figures = []
     for workload in args.only or WORKLOADS:
         unit, better, _ = WORKLOADS[workload]
@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
                 runs[side].append(run_once(tree, workload, args.threads))
         a, b = (statistics.median(runs[s]) for s in "AB")
         ratio = b / a if better == "higher" else a / b  # > 1: B faster
-        print(f"| {workload} | {unit} | {a:.1f} | {b:.1f} | {ratio:.3f} |", flush=True)
+        spread = " | ".join(" ".join(f"{x:.1f}" for x in runs[s]) for s in "AB")
+        print(f"| {workload} | {unit} | {a:.1f} | {b:.1f} | {ratio:.3f} | {spread} |", flush=True)
         figures.append(f"{workload} {ratio:.3f} ({a:.1f} → {b:.1f} {unit})")
     print("\nB ÷ A above 1: the working tree is faster (for ms/step the ratio is A ÷ B, so above 1 is faster too).")
     if args.record:
