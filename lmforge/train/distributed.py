@@ -14,7 +14,9 @@ Backend: NCCL on CUDA, gloo on CPU. Each rank reads a disjoint slice of every gl
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -48,7 +50,24 @@ def environment() -> DistEnv:
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(leave_process_group)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def leave_process_group(timeout_s: float = 60.0) -> None:
+    """Every rank waits for the others, then the process group is destroyed (registered at exit by `environment`).
+    A rank that leaves while its peers still talk to it closes their sockets under Gloo's threads, and a process
+    that exits with the group alive lets those threads outlive the interpreter: either way a run that succeeded
+    could end in SIGABRT ("terminate called without an active exception"; pytorch/pytorch#179291). A peer that
+    crashed never arrives: after `timeout_s` the group is destroyed without it."""
+    if not dist.is_initialized():
+        return
+    with contextlib.suppress(RuntimeError):
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+        else:
+            dist.barrier()
+    dist.destroy_process_group()
 
 
 def resolve_parallel(parallel: str, env: DistEnv) -> str:

@@ -5,8 +5,6 @@ import json
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(__file__))
 from train_helpers import batch_fn_for, lm_loss, tiny_model  # noqa: E402
 
@@ -41,8 +39,7 @@ def main(out: str, parallel: str, steps: int, resume: bool) -> None:
     trainer.fit()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"losses": losses, "seen": seen, "start": start}, f)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    # The process group is left at exit by lmforge (train/distributed.py: leave_process_group), as in a user's run.
 
 
 if __name__ == "__main__":
