@@ -77,7 +77,7 @@ from lmforge.infer.engine import Engine
 from lmforge.infer.fastpath import optimize_for_decode
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import ModelConfig, Transformer
-from lmforge.model.hf import to_hf
+from lmforge.model.hf_export import to_hf
 
 GPT2_YAML = Path(__file__).resolve().parents[1] / "configs" / "model" / "gpt2-124m.yaml"
 GOAL_VS_SINGLE, GOAL_VS_STATIC = 5.0, 1.5

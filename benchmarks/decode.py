@@ -1,7 +1,7 @@
 """Batch-1 decode of a GPT-2-124M-shaped model: lmforge's contiguous-cache loop against HF `generate`, side by
 side, with the GEMV roofline and the per-token cost at position 1024 against 128.
 
-Both sides run the same random weights (seed 0; `lmforge.model.hf.to_hf`), with max_seq_len 2048 so position
+Both sides run the same random weights (seed 0; `lmforge.model.hf_export.to_hf`), with max_seq_len 2048 so position
 1024 exists (learned positions, as GPT-2). A 32-token prompt, 128 new tokens, greedy, in ONE interleaved `Bench`:
 
   HF generate fp32   the baseline: GPT2LMHeadModel, attn_implementation="sdpa", its default (dynamic) cache,
@@ -138,7 +138,7 @@ def ours_generate(model: Transformer, prompt: list[int], n: int) -> list[int]:
 
 
 def make_hf(model: Transformer):
-    from lmforge.model.hf import to_hf
+    from lmforge.model.hf_export import to_hf
 
     hf = to_hf(model)  # GPT2LMHeadModel, eval, the same weights
     hf.config._attn_implementation = "sdpa"  # set by hf_config already; explicit, as the baseline depends on it

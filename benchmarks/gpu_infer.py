@@ -66,7 +66,7 @@ def timed(fn, device: str, repeats: int) -> float:
 
 def hf_model(model: Transformer):
     try:
-        from lmforge.model.hf import to_hf
+        from lmforge.model.hf_export import to_hf
     except Exception:
         return None
     try:

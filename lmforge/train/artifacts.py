@@ -147,7 +147,7 @@ def export(run: str | Path, to: str, out: str | Path, *, overwrite: bool = False
     else in `out` stays), each through a temporary folder beside `out` and a rename (`save_hf`)."""
     if to != "hf":
         raise ConfigError(f"export --to {to!r}: only 'hf' is supported")
-    from lmforge.model.hf import save_hf
+    from lmforge.model.hf_export import save_hf
     from lmforge.runs import atomic_write_text, check_output_folder
     from lmforge.tokenizer import Tokenizer
 

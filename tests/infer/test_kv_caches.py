@@ -203,7 +203,7 @@ def test_sliding_cache_matches_hf_mistral():
     own generate (its sliding-window cache) equal ours with SlidingKVCache, and HF's full-forward logits match
     our cached step logits."""
     pytest.importorskip("transformers")
-    from lmforge.model.hf import to_hf
+    from lmforge.model.hf_export import to_hf
 
     cfg = tiny(window=W, norm="rmsnorm", ffn="swiglu", bias=False, tie_embeddings=False, vocab_size=128)
     ours = model_of(cfg)

@@ -15,7 +15,8 @@ from test_hf_parity import TOL, greedy, make_gpt2, make_llama, make_mistral, par
 
 from lmforge.config import UserError
 from lmforge.model import ModelConfig, Transformer
-from lmforge.model.hf import HF_DEFAULTS, config_from_hf, from_hf, load_hf_tokenizer, save_hf, to_hf
+from lmforge.model.hf import HF_DEFAULTS, config_from_hf, from_hf, load_hf_tokenizer
+from lmforge.model.hf_export import save_hf, to_hf
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

@@ -14,7 +14,8 @@ import torch
 import lmforge.model.attention as attention_module
 import lmforge.model.positions as positions_module
 from lmforge.model import Transformer
-from lmforge.model.hf import from_hf, to_hf
+from lmforge.model.hf import from_hf
+from lmforge.model.hf_export import to_hf
 
 transformers = pytest.importorskip("transformers")
 
