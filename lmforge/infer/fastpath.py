@@ -20,7 +20,7 @@ more on a 2-core CPU. The blocks run one by one as usual wherever it does not ap
   activations, autograd off, the model in eval mode;
 - the cache hands out its buffers (`ContiguousKVCache.decode_buffers`: fp32 storage, no padding);
 - the model is pre-norm with LayerNorm or RMSNorm, dense causal sdpa attention (no window, no ALiBi or relative
-  bias), learned, sinusoidal, rotary or no positions, and a ReLU, GELU, tanh-GELU or SwiGLU feed-forward;
+  bias, no QK-norm), learned, sinusoidal, rotary or no positions, and a ReLU, GELU, tanh-GELU or SwiGLU feed-forward;
 - every projection is an fp32 `nn.Linear` (or `DecodeLinear`), a `BF16Linear` or an `Int8Linear` (q, k and v
   of one dtype; gate and up of one dtype), with d_model, d_ff and head_dim multiples of 8.
 
@@ -217,6 +217,7 @@ class FusedDecode:
             or cfg.norm_position != "pre"
             or cfg.attention != "sdpa"
             or cfg.window
+            or cfg.qk_norm  # (layer.c has no per-head norm)
             or cfg.ffn not in ACTIVATIONS
             or cfg.d_model % 8
             or cfg.d_ff % 8

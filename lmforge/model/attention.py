@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .cache import Cache
 from .config import ModelConfig
+from .layers import RMSNorm
 from .positions import apply_rope
 
 
@@ -218,10 +219,13 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        self.wq = nn.Linear(cfg.d_model, cfg.q_dim, bias=cfg.bias)
-        self.wk = nn.Linear(cfg.d_model, cfg.kv_dim, bias=cfg.bias)
-        self.wv = nn.Linear(cfg.d_model, cfg.kv_dim, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.wq = nn.Linear(cfg.d_model, cfg.q_dim, bias=qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_dim, bias=qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_dim, bias=qkv_bias)
         self.wo = nn.Linear(cfg.q_dim, cfg.d_model, bias=cfg.bias)
+        if cfg.qk_norm:  # one gain per head_dim channel, shared by the heads (as Qwen3)
+            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.kernel = {
             "sdpa": self._sdpa,
@@ -238,6 +242,8 @@ class Attention(nn.Module):
         q = q.view(B, T, -1, hd).transpose(1, 2)
         k = k.view(B, T, -1, hd).transpose(1, 2)
         v = v.view(B, T, -1, hd).transpose(1, 2)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if ctx.rope is not None:
             cos, sin = ctx.rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -53,6 +53,10 @@ class ModelConfig:
     norm_eps: float = 1e-5
     norm_position: Literal["pre", "post"] = "pre"
     bias: bool = True  # biases in every linear layer (and LayerNorm)
+    qkv_bias: bool = False  # biases on q, k and v even where `bias` is off (Qwen2)
+    # RMSNorm of each head's queries and keys over head_dim, before RoPE (Qwen3; Dehghani et al. 2023, ViT-22B,
+    # who found it keeps attention logits from growing without bound in training)
+    qk_norm: bool = False
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
@@ -190,6 +194,7 @@ class ModelConfig:
         """Parameters by part. The LM head is counted once when it is tied to the token embedding."""
         d, b = self.d_model, int(self.bias)
         attn = d * self.q_dim + 2 * d * self.kv_dim + self.q_dim * d + b * (self.q_dim + 2 * self.kv_dim + d)
+        attn += (self.qkv_bias and not b) * (self.q_dim + 2 * self.kv_dim) + self.qk_norm * 2 * self.head_dim
         n_mats = 3 if self.ffn == "swiglu" else 2
         ffn = n_mats * d * self.d_ff + b * ((n_mats - 1) * self.d_ff + d)
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)

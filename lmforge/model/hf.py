@@ -27,7 +27,7 @@ from lmforge.config import UserError
 from .config import ModelConfig
 from .transformer import Transformer
 
-FAMILIES = ("gpt2", "llama", "mistral")
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 # Class defaults of transformers' configs, for config.json files that leave a default out (4.x wrote diffs).
 HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "gpt2": {
@@ -47,6 +47,18 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "hidden_act": "silu",
         "max_position_embeddings": 4096 * 32, "initializer_range": 0.02, "rms_norm_eps": 1e-6,
         "tie_word_embeddings": False, "sliding_window": 4096,
+    },
+    "qwen2": {  # q, k and v with biases, o and the MLP without (not a config flag: Qwen2Attention hard-codes it)
+        "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": None, "hidden_act": "silu",
+        "max_position_embeddings": 32768, "initializer_range": 0.02, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False, "use_sliding_window": False,
+    },
+    "qwen3": {  # RMSNorm of each head's q and k over head_dim, before RoPE
+        "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128, "hidden_act": "silu",
+        "max_position_embeddings": 32768, "initializer_range": 0.02, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False, "attention_bias": False, "use_sliding_window": False,
     },
 }  # fmt: skip
 GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
@@ -164,8 +176,8 @@ def _llama_config(d: dict, common: dict, model_type: str) -> ModelConfig:
         d_model=d["hidden_size"], n_head=n_head, n_kv_head=d["num_key_value_heads"] or n_head,
         head_dim=d["head_dim"] or d["hidden_size"] // n_head, d_ff=d["intermediate_size"], attention="sdpa",
         window=window, position="rope", rope_theta=float(rope["rope_theta"]), ffn="swiglu", norm="rmsnorm",
-        norm_eps=d["rms_norm_eps"], bias=attn_bias, tie_embeddings=d["tie_word_embeddings"], **scaling,
-        **common,
+        norm_eps=d["rms_norm_eps"], bias=attn_bias, qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
+        tie_embeddings=d["tie_word_embeddings"], **scaling, **common,
     )  # fmt: skip
 
 
@@ -176,6 +188,7 @@ LLAMA_LAYER = {
     "self_attn.o_proj": "attn.wo", "mlp.gate_proj": "ffn.gate", "mlp.up_proj": "ffn.up",
     "mlp.down_proj": "ffn.down",
 }  # fmt: skip
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 GPT2_LAYER = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_proj": "attn.wo", "mlp.c_fc": "ffn.up"}
 GPT2_LAYER["mlp.c_proj"] = "ffn.down"
 GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # Conv1D stores weights as [in, out]
@@ -184,13 +197,16 @@ IGNORED = re.compile(r"(^h\.\d+\.attn\.(bias|masked_bias)$)|(rotary_emb\.inv_fre
 
 
 def _llama_names(cfg: ModelConfig) -> dict[str, str]:
-    """HF Llama/Mistral parameter name -> lmforge name (HF names without the `model.` prefix)."""
+    """HF Llama/Mistral/Qwen parameter name -> lmforge name (HF names without the `model.` prefix)."""
     names = {"embed_tokens.weight": "tok_emb.weight", "norm.weight": "norm_f.weight"}
-    suffixes = (".weight", ".bias") if cfg.bias else (".weight",)
     for i in range(cfg.n_layer):
         for hf, ours in LLAMA_LAYER.items():
-            for s in ("",) if hf.endswith("weight") else suffixes:
+            biased = cfg.bias or (cfg.qkv_bias and hf in QKV)
+            for s in ("",) if hf.endswith("weight") else (".weight", ".bias") if biased else (".weight",):
                 names[f"layers.{i}.{hf}{s}"] = f"blocks.{i}.{ours}{s}"
+        if cfg.qk_norm:
+            for x in "qk":
+                names[f"layers.{i}.self_attn.{x}_norm.weight"] = f"blocks.{i}.attn.{x}_norm.weight"
     return names
 
 

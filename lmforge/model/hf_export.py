@@ -42,7 +42,6 @@ def state_dict_to_hf(model: Transformer, family: str) -> dict[str, torch.Tensor]
     return out
 
 
-
 # ---- export --------------------------------------------------------------------------------------------
 def _hf_family(cfg: ModelConfig) -> str:
     """Which HF class reproduces this config; ValueError naming the field that none of them has."""
@@ -62,9 +61,18 @@ def _hf_family(cfg: ModelConfig) -> str:
         need("window", (None,), "GPT-2")
         need("n_kv_head", (cfg.n_head,), "GPT-2 (no GQA)")
         need("head_dim", (cfg.d_model // cfg.n_head,), "GPT-2 (head_dim = d_model / n_head)")
+        need("qk_norm", (False,), "GPT-2")
         return "gpt2"
-    need("norm", ("rmsnorm",), "Llama/Mistral")
-    need("ffn", ("swiglu",), "Llama/Mistral")
+    need("norm", ("rmsnorm",), "Llama/Mistral/Qwen")
+    need("ffn", ("swiglu",), "Llama/Mistral/Qwen")
+    if cfg.qk_norm:
+        need("bias", (False,), "Qwen3 (biases only with attention_bias, never in the MLP)")
+        need("qkv_bias", (False,), "Qwen3")
+        need("window", (None,), "Qwen3")
+        return "qwen3"
+    if cfg.qkv_bias and not cfg.bias:
+        need("window", (None,), "Qwen2")
+        return "qwen2"
     if cfg.window:
         need("bias", (False,), "Mistral")
         return "mistral"
@@ -73,7 +81,7 @@ def _hf_family(cfg: ModelConfig) -> str:
 
 def hf_config(cfg: ModelConfig):
     """The transformers config (5.x style, sdpa attention) that reproduces `cfg`."""
-    from transformers import GPT2Config, LlamaConfig, MistralConfig
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     family = _hf_family(cfg)
     ids = {k: v for k, v in cfg.extra.get("hf", {}).items() if k.endswith("_token_id")}
@@ -109,17 +117,22 @@ def hf_config(cfg: ModelConfig):
     )  # fmt: skip
     if family == "mistral":
         return MistralConfig(sliding_window=cfg.window, **common)
+    if family == "qwen2":
+        return Qwen2Config(use_sliding_window=False, **common)
+    if family == "qwen3":
+        return Qwen3Config(attention_bias=False, use_sliding_window=False, **common)
     return LlamaConfig(attention_bias=cfg.bias, mlp_bias=cfg.bias, **common)
 
 
 def to_hf(model: Transformer):
     """The equivalent transformers model (GPT2LMHeadModel, LlamaForCausalLM or MistralForCausalLM), in eval
     mode and the dtype of `model`'s parameters."""
-    from transformers import GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
     config = hf_config(model.cfg)
     family = _hf_family(model.cfg)
-    cls = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "mistral": MistralForCausalLM}[family]
+    cls = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM,
+           "qwen3": Qwen3ForCausalLM}[family]  # fmt: skip
     hf = cls(config)
     hf.load_state_dict(state_dict_to_hf(model, family), strict=True)
     return hf.to(model.tok_emb.weight.dtype).eval()
@@ -183,5 +196,3 @@ def _write(path: Path, text: str) -> None:
 
     count_write(path)
     path.write_text(text)
-
-

@@ -26,6 +26,7 @@ ARCHITECTURES = {
     "llama (rope, rmsnorm, swiglu, gqa)": dict(position="rope", norm="rmsnorm", ffn="swiglu", bias=False, n_kv_head=2),
     "mqa, sinusoidal": {"position": "sinusoidal", "n_kv_head": 1},
     "no positions, head_dim 32": {"position": "none", "n_head": 2},
+    "qwen2 (biases on q, k, v only)": dict(position="rope", norm="rmsnorm", ffn="swiglu", bias=False, qkv_bias=True),
 }
 
 
@@ -134,6 +135,7 @@ STEPS_ASIDE = {
     "post-norm": lambda m: make_model(norm_position="post"),
     "a sliding window": lambda m: make_model(window=4),
     "alibi": lambda m: make_model(position="alibi"),
+    "qk-norm": lambda m: make_model(position="rope", norm="rmsnorm", ffn="swiglu", bias=False, qk_norm=True),
 }
 
 

@@ -102,7 +102,8 @@ def test_4x_style_config_minimal_defaults():
 @pytest.mark.parametrize("family", list(HF_DEFAULTS))
 def test_defaults_match_transformers(family):
     config_cls = {"gpt2": transformers.GPT2Config, "llama": transformers.LlamaConfig}
-    config_cls["mistral"] = transformers.MistralConfig
+    config_cls |= {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}
+    config_cls["qwen3"] = transformers.Qwen3Config
     reference = config_cls[family]().to_dict()
     for key, value in HF_DEFAULTS[family].items():
         if value is not None:  # None: derived in __post_init__ (head_dim, kv heads)

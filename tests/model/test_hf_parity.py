@@ -1,4 +1,4 @@
-"""Logit parity of `from_hf` / `to_hf` against transformers' GPT-2, Llama and Mistral, and mutations that
+"""Logit parity of `from_hf` / `to_hf` against transformers' GPT-2, Llama, Mistral, Qwen2 and Qwen3, and mutations that
 prove the parity check can fail. Small random HF models (initializer_range=0.2: logits of order 1-10), fp32.
 
     .venv/bin/pytest tests/model/test_hf_parity.py -q
@@ -13,6 +13,7 @@ import torch
 
 import lmforge.model.attention as attention_module
 import lmforge.model.positions as positions_module
+from lmforge.config import UserError
 from lmforge.model import Transformer
 from lmforge.model.hf import from_hf
 from lmforge.model.hf_export import to_hf
@@ -98,6 +99,14 @@ def make_mistral(**kw):
     hf = transformers.MistralForCausalLM(transformers.MistralConfig(**_llama_kwargs(sliding_window=8, **kw)))
     randomize_(hf)
     return hf.eval()
+
+
+def make_qwen(family: str, **kw):
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(**_llama_kwargs(**kw))
+    hf = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    randomize_(hf)  # biases and the per-head q/k norm gains away from 0 and 1, so a dropped one shows
+    return hf
 
 
 # ---- parity ----------------------------------------------------------------------------------------
@@ -187,11 +196,43 @@ def test_mistral_parity(hf_attention, ours_attention):
     assert parity_error(with_cfg(ours, window=None, attention="sdpa"), hf, idx) > TOL, "the window did not act"
 
 
+@pytest.mark.parametrize("kw", [{}, {"head_dim": 8, "tie_word_embeddings": True}], ids=["gqa", "head_dim_tied"])
+def test_qwen2_parity(kw):
+    """Qwen2: biases on q, k and v only (Qwen2Attention hard-codes them; o_proj and the MLP have none)."""
+    hf = make_qwen("Qwen2", **kw)
+    ours, idx = from_hf(hf), tokens(24)
+    assert ours.cfg.qkv_bias and not ours.cfg.bias and ours.blocks[0].attn.wo.bias is None
+    assert_parity(ours, hf, idx)
+    with torch.no_grad():
+        ours.blocks[0].attn.wk.bias.zero_()
+    assert parity_error(ours, hf, idx) > TOL, "the k bias did not act"
+
+
+@pytest.mark.parametrize("kw", [{}, {"head_dim": 32, "tie_word_embeddings": True}], ids=["gqa", "head_dim_tied"])
+def test_qwen3_parity(kw):
+    """Qwen3: RMSNorm of each head's q and k over head_dim (one gain per channel), before RoPE."""
+    hf = make_qwen("Qwen3", **kw)
+    ours, idx = from_hf(hf), tokens(24)
+    assert ours.cfg.qk_norm and not ours.cfg.bias and not ours.cfg.qkv_bias
+    assert ours.cfg.param_counts()["total"] == sum(p.numel() for p in ours.parameters())
+    assert_parity(ours, hf, idx)
+    with torch.no_grad():
+        ours.blocks[1].attn.q_norm.weight.fill_(1.0)
+    assert parity_error(ours, hf, idx) > TOL, "the q norm did not act"
+
+
+def test_qwen3_with_attention_bias_is_refused():
+    hf = make_qwen("Qwen3", attention_bias=True)
+    with pytest.raises(UserError, match="attention_bias=True with mlp_bias=False"):
+        from_hf(hf)
+
+
 @pytest.mark.parametrize(
     "make, kw",
     [(make_gpt2, {}), (make_gpt2, {"tie_word_embeddings": False}), (make_llama, {})]
-    + [(make_llama, {"tie_word_embeddings": True}), (make_mistral, {})],
-    ids=["gpt2", "gpt2_untied", "llama", "llama_tied", "mistral"],
+    + [(make_llama, {"tie_word_embeddings": True}), (make_mistral, {})]
+    + [(lambda **kw: make_qwen("Qwen2", **kw), {}), (lambda **kw: make_qwen("Qwen3", **kw), {})],
+    ids=["gpt2", "gpt2_untied", "llama", "llama_tied", "mistral", "qwen2", "qwen3"],
 )
 def test_to_hf_round_trip(make, kw):
     hf = make(**kw)

@@ -56,6 +56,32 @@ def test_cached_decoding_equals_full_recompute(attention, position):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kw", [dict(qk_norm=True), dict(qkv_bias=True, bias=False)], ids=["qk_norm", "qkv_bias"])
+def test_qk_norm_and_qkv_bias_options(kw):
+    """Qwen3's QK-norm and Qwen2's q/k/v-only biases (HF parity in test_hf_parity.py): parameters counted as built,
+    cached decoding = full recompute, and QK-norm makes attention blind to the scale of q and k."""
+    torch.manual_seed(0)
+    cfg = tiny(position="rope", norm="rmsnorm", ffn="swiglu", n_kv_head=2, init_std=0.2, **kw)
+    model = Transformer(cfg).eval()
+    assert cfg.param_counts()["total"] == sum(p.numel() for p in model.parameters())
+    idx = torch.randint(0, cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        full = model(idx)
+        cache = ContiguousKVCache(cfg, batch_size=2, max_len=40)
+        steps = [model(idx[:, :11], cache=cache)] + [model(idx[:, t : t + 1], cache=cache) for t in range(11, 20)]
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
+        for block in model.blocks:  # q and k 3× larger: the same output only where they are normalised
+            for w in (block.attn.wq, block.attn.wk):
+                w.weight.mul_(3.0)
+                if w.bias is not None:
+                    w.bias.mul_(3.0)
+        scaled = model(idx)
+    if cfg.qk_norm:
+        torch.testing.assert_close(scaled, full, atol=1e-4, rtol=1e-4)
+    else:
+        assert (scaled - full).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("attention,position", COMBOS)
 def test_left_padded_batch_equals_each_row_alone(attention, position):
     torch.manual_seed(1)
