@@ -224,8 +224,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.kv_dim, bias=qkv_bias)
         self.wv = nn.Linear(cfg.d_model, cfg.kv_dim, bias=qkv_bias)
         self.wo = nn.Linear(cfg.q_dim, cfg.d_model, bias=cfg.bias)
-        if cfg.qk_norm:  # one gain per head_dim channel, shared by the heads (as Qwen3)
-            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)
+        if cfg.qk_norm:  # "head": one gain per head_dim channel, shared by the heads; "full": one per channel of q, k
+            q_width, k_width = (cfg.head_dim, cfg.head_dim) if cfg.qk_norm == "head" else (cfg.q_dim, cfg.kv_dim)
+            self.q_norm, self.k_norm = RMSNorm(q_width, cfg.norm_eps), RMSNorm(k_width, cfg.norm_eps)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.kernel = {
             "sdpa": self._sdpa,
@@ -239,10 +240,12 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q, k, v = self.project_qkv(x)
+        if self.cfg.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, -1, hd).transpose(1, 2)
         k = k.view(B, T, -1, hd).transpose(1, 2)
         v = v.view(B, T, -1, hd).transpose(1, 2)
-        if self.cfg.qk_norm:
+        if self.cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         if ctx.rope is not None:
             cos, sin = ctx.rope

@@ -51,12 +51,15 @@ class ModelConfig:
     ffn: FeedForward = "gelu"
     norm: Norm = "layernorm"
     norm_eps: float = 1e-5
-    norm_position: Literal["pre", "post"] = "pre"
+    # pre: x + f(norm(x)) (GPT-2 onwards); post: norm(x + f(x)) (Vaswani et al. 2017); output: x + norm(f(x)), the
+    # sublayer's output normed before it joins the residual stream (OLMo 2's "reordered norm", Team OLMo 2024)
+    norm_position: Literal["pre", "post", "output"] = "pre"
     bias: bool = True  # biases in every linear layer (and LayerNorm)
     qkv_bias: bool = False  # biases on q, k and v even where `bias` is off (Qwen2)
-    # RMSNorm of each head's queries and keys over head_dim, before RoPE (Qwen3; Dehghani et al. 2023, ViT-22B,
-    # who found it keeps attention logits from growing without bound in training)
-    qk_norm: bool = False
+    # RMSNorm of queries and keys before RoPE (Dehghani et al. 2023, ViT-22B: it keeps attention logits from
+    # growing without bound in training): "head" over each head's head_dim (Qwen3), "full" over the whole q and k
+    # projections, all heads together (OLMo 2); None: off
+    qk_norm: Literal["head", "full"] | None = None
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
@@ -118,6 +121,10 @@ class ModelConfig:
             raise ValueError("rope_scaling needs position=rope")
         if self.rope_scaling is not None and self.rope_factor < 1:
             raise ValueError(f"rope_factor must be >= 1, got {self.rope_factor}")
+        if self.qk_norm not in (None, "head", "full"):
+            raise ValueError(f"qk_norm must be 'head', 'full' or null, got {self.qk_norm!r}")
+        if self.norm_position not in ("pre", "post", "output"):
+            raise ValueError(f"norm_position must be 'pre', 'post' or 'output', got {self.norm_position!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -194,12 +201,13 @@ class ModelConfig:
         """Parameters by part. The LM head is counted once when it is tied to the token embedding."""
         d, b = self.d_model, int(self.bias)
         attn = d * self.q_dim + 2 * d * self.kv_dim + self.q_dim * d + b * (self.q_dim + 2 * self.kv_dim + d)
-        attn += (self.qkv_bias and not b) * (self.q_dim + 2 * self.kv_dim) + self.qk_norm * 2 * self.head_dim
+        attn += (self.qkv_bias and not b) * (self.q_dim + 2 * self.kv_dim)
+        attn += {None: 0, "head": 2 * self.head_dim, "full": self.q_dim + self.kv_dim}[self.qk_norm]
         n_mats = 3 if self.ffn == "swiglu" else 2
         ffn = n_mats * d * self.d_ff + b * ((n_mats - 1) * self.d_ff + d)
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
         block = attn + ffn + 2 * norm
-        final_norm = norm if self.norm_position == "pre" else 0
+        final_norm = 0 if self.norm_position == "post" else norm
         counts = {
             "token_embedding": self.vocab_size * d,
             "position_embedding": self.max_seq_len * d if self.position == "learned" else 0,

@@ -27,7 +27,7 @@ from lmforge.config import UserError
 from .config import ModelConfig
 from .transformer import Transformer
 
-FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "olmo2")
 # Class defaults of transformers' configs, for config.json files that leave a default out (4.x wrote diffs).
 HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "gpt2": {
@@ -60,9 +60,16 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 32768, "initializer_range": 0.02, "rms_norm_eps": 1e-6,
         "tie_word_embeddings": False, "attention_bias": False, "use_sliding_window": False,
     },
+    "olmo2": {  # norms on each sublayer's output (no input norms) and on the whole q and k projections
+        "vocab_size": 50304, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
+        "max_position_embeddings": 2048, "initializer_range": 0.02, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False, "attention_bias": False,
+    },
 }  # fmt: skip
 GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+QK_NORM = {"qwen3": "head", "olmo2": "full"}  # ModelConfig.qk_norm of the families that norm q and k
 # Flags of other architectures (qk-norm, Gemma's soft-capping, ...) that a llama-typed config may carry.
 FOREIGN_FLAGS = (
     "qk_norm",
@@ -176,8 +183,9 @@ def _llama_config(d: dict, common: dict, model_type: str) -> ModelConfig:
         d_model=d["hidden_size"], n_head=n_head, n_kv_head=d["num_key_value_heads"] or n_head,
         head_dim=d["head_dim"] or d["hidden_size"] // n_head, d_ff=d["intermediate_size"], attention="sdpa",
         window=window, position="rope", rope_theta=float(rope["rope_theta"]), ffn="swiglu", norm="rmsnorm",
-        norm_eps=d["rms_norm_eps"], bias=attn_bias, qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
-        tie_embeddings=d["tie_word_embeddings"], **scaling, **common,
+        norm_eps=d["rms_norm_eps"], bias=attn_bias, qkv_bias=model_type == "qwen2", qk_norm=QK_NORM.get(model_type),
+        tie_embeddings=d["tie_word_embeddings"], **scaling,
+        **common | ({"norm_position": "output"} if model_type == "olmo2" else {}),
     )  # fmt: skip
 
 
@@ -189,6 +197,9 @@ LLAMA_LAYER = {
     "mlp.down_proj": "ffn.down",
 }  # fmt: skip
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+# OLMo 2 norms each sublayer's output instead of its input (norm_position="output")
+OLMO2_LAYER = {k: v for k, v in LLAMA_LAYER.items() if not k.endswith("layernorm.weight")}
+OLMO2_LAYER |= {"post_attention_layernorm.weight": "norm1.weight", "post_feedforward_layernorm.weight": "norm2.weight"}
 GPT2_LAYER = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_proj": "attn.wo", "mlp.c_fc": "ffn.up"}
 GPT2_LAYER["mlp.c_proj"] = "ffn.down"
 GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # Conv1D stores weights as [in, out]
@@ -199,8 +210,9 @@ IGNORED = re.compile(r"(^h\.\d+\.attn\.(bias|masked_bias)$)|(rotary_emb\.inv_fre
 def _llama_names(cfg: ModelConfig) -> dict[str, str]:
     """HF Llama/Mistral/Qwen parameter name -> lmforge name (HF names without the `model.` prefix)."""
     names = {"embed_tokens.weight": "tok_emb.weight", "norm.weight": "norm_f.weight"}
+    layer = LLAMA_LAYER if cfg.norm_position == "pre" else OLMO2_LAYER
     for i in range(cfg.n_layer):
-        for hf, ours in LLAMA_LAYER.items():
+        for hf, ours in layer.items():
             biased = cfg.bias or (cfg.qkv_bias and hf in QKV)
             for s in ("",) if hf.endswith("weight") else (".weight", ".bias") if biased else (".weight",):
                 names[f"layers.{i}.{hf}{s}"] = f"blocks.{i}.{ours}{s}"

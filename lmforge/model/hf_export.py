@@ -50,8 +50,16 @@ def _hf_family(cfg: ModelConfig) -> str:
         if getattr(cfg, field) not in allowed:
             raise ValueError(f"to_hf: {field}={getattr(cfg, field)!r} has no {family} equivalent (allowed: {allowed})")
 
+    if cfg.norm_position == "output":
+        for field, allowed in (("norm", ("rmsnorm",)), ("ffn", ("swiglu",)), ("position", ("rope",))):
+            need(field, allowed, "OLMo 2")
+        for field, allowed in (("qk_norm", ("full",)), ("bias", (False,)), ("qkv_bias", (False,)), ("window", (None,))):
+            need(field, allowed, "OLMo 2")
+        return "olmo2"
     if cfg.norm_position != "pre":
-        raise ValueError(f"to_hf: norm_position={cfg.norm_position!r}: GPT-2, Llama and Mistral are pre-norm")
+        raise ValueError(
+            f"to_hf: norm_position={cfg.norm_position!r}: only OLMo 2 (output) and pre-norm have HF classes"
+        )
     need("attention", ("sdpa", "naive", "sliding_window"), "GPT-2/Llama/Mistral")
     need("position", ("learned", "rope"), "GPT-2/Llama/Mistral")
     if cfg.position == "learned":
@@ -61,11 +69,13 @@ def _hf_family(cfg: ModelConfig) -> str:
         need("window", (None,), "GPT-2")
         need("n_kv_head", (cfg.n_head,), "GPT-2 (no GQA)")
         need("head_dim", (cfg.d_model // cfg.n_head,), "GPT-2 (head_dim = d_model / n_head)")
-        need("qk_norm", (False,), "GPT-2")
+        need("qk_norm", (None,), "GPT-2")
         return "gpt2"
+    need("qk_norm", (None, "head"), "Llama/Mistral/Qwen (qk_norm='full' is OLMo 2's, with norm_position='output')")
     need("norm", ("rmsnorm",), "Llama/Mistral/Qwen")
     need("ffn", ("swiglu",), "Llama/Mistral/Qwen")
     if cfg.qk_norm:
+        need("qk_norm", ("head",), "Qwen3 (per-head q/k norm)")
         need("bias", (False,), "Qwen3 (biases only with attention_bias, never in the MLP)")
         need("qkv_bias", (False,), "Qwen3")
         need("window", (None,), "Qwen3")
@@ -81,7 +91,7 @@ def _hf_family(cfg: ModelConfig) -> str:
 
 def hf_config(cfg: ModelConfig):
     """The transformers config (5.x style, sdpa attention) that reproduces `cfg`."""
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Olmo2Config, Qwen2Config, Qwen3Config
 
     family = _hf_family(cfg)
     ids = {k: v for k, v in cfg.extra.get("hf", {}).items() if k.endswith("_token_id")}
@@ -117,6 +127,8 @@ def hf_config(cfg: ModelConfig):
     )  # fmt: skip
     if family == "mistral":
         return MistralConfig(sliding_window=cfg.window, **common)
+    if family == "olmo2":
+        return Olmo2Config(attention_bias=False, **common)
     if family == "qwen2":
         return Qwen2Config(use_sliding_window=False, **common)
     if family == "qwen3":
@@ -124,16 +136,17 @@ def hf_config(cfg: ModelConfig):
     return LlamaConfig(attention_bias=cfg.bias, mlp_bias=cfg.bias, **common)
 
 
-def to_hf(model: Transformer):
-    """The equivalent transformers model (GPT2LMHeadModel, LlamaForCausalLM or MistralForCausalLM), in eval
-    mode and the dtype of `model`'s parameters."""
-    from transformers import GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+              "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM"}  # fmt: skip
 
-    config = hf_config(model.cfg)
+
+def to_hf(model: Transformer):
+    """The equivalent transformers model (GPT2LMHeadModel, LlamaForCausalLM, ...: `HF_CLASSES`), in eval mode and
+    the dtype of `model`'s parameters."""
+    import transformers
+
     family = _hf_family(model.cfg)
-    cls = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM,
-           "qwen3": Qwen3ForCausalLM}[family]  # fmt: skip
-    hf = cls(config)
+    hf = getattr(transformers, HF_CLASSES[family])(hf_config(model.cfg))
     hf.load_state_dict(state_dict_to_hf(model, family), strict=True)
     return hf.to(model.tok_emb.weight.dtype).eval()
 

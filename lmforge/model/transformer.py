@@ -29,7 +29,7 @@ class Block(nn.Module):
         self.norm1, self.attn = make_norm(cfg), Attention(cfg, layer)
         self.norm2, self.ffn = make_norm(cfg), make_ffn(cfg)
         self.checkpoint = False  # a flag the block reads: the trainer sets it (TrainConfig.activation_checkpointing)
-        self._forward = self._pre_norm if cfg.norm_position == "pre" else self._post_norm
+        self._forward = {"pre": self._pre_norm, "post": self._post_norm, "output": self._output_norm}[cfg.norm_position]
 
     def _pre_norm(self, x, ctx):  # GPT-2 onwards: x + f(norm(x)), a clean residual path
         x = x + self.attn(self.norm1(x), ctx)
@@ -38,6 +38,10 @@ class Block(nn.Module):
     def _post_norm(self, x, ctx):  # the original Transformer (Vaswani et al. 2017): norm(x + f(x))
         x = self.norm1(x + self.attn(x, ctx))
         return self.norm2(x + self.ffn(x))
+
+    def _output_norm(self, x, ctx):  # OLMo 2's reordered norm: x + norm(f(x))
+        x = x + self.norm1(self.attn(x, ctx))
+        return x + self.norm2(self.ffn(x))
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         if self.checkpoint and self.training and torch.is_grad_enabled():
@@ -76,8 +80,8 @@ class Transformer(nn.Module):
         self.attn_bias = BIAS_POSITIONS[cfg.position](cfg) if cfg.position in BIAS_POSITIONS else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = Blocks(cfg)
-        # Post-norm blocks end in a norm already; pre-norm needs one before the head.
-        self.norm_f = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
+        # Post-norm blocks end in a norm already; the others need one before the head.
+        self.norm_f = nn.Identity() if cfg.norm_position == "post" else make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # Press & Wolf 2017

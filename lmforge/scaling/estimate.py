@@ -268,7 +268,7 @@ def training_memory(
     # The head, freed once its backward is done: the last hidden state and the final norm (pre-norm), the head's
     # input (fp32, or its 16-bit cast) and 16-bit weight, the fp32 log-softmax the loss saves.
     head_in = (2 * d if mixed else 4 * d) * tokens
-    norm_f = 4 * d + (4 + 4 * d if cfg.norm == "rmsnorm" else 8) if cfg.norm_position == "pre" else 0
+    norm_f = 4 * d + (4 + 4 * d if cfg.norm == "rmsnorm" else 8) if cfg.norm_position != "post" else 0
     head = head_in + norm_f * tokens + head_cast + 4 * V * tokens
     block_input = 4 * d * tokens
     if checkpointing:  # only each block's input survives the forward (transformer.py: Block.checkpoint)

@@ -135,7 +135,7 @@ STEPS_ASIDE = {
     "post-norm": lambda m: make_model(norm_position="post"),
     "a sliding window": lambda m: make_model(window=4),
     "alibi": lambda m: make_model(position="alibi"),
-    "qk-norm": lambda m: make_model(position="rope", norm="rmsnorm", ffn="swiglu", bias=False, qk_norm=True),
+    "qk-norm": lambda m: make_model(position="rope", norm="rmsnorm", ffn="swiglu", bias=False, qk_norm="head"),
 }
 
 

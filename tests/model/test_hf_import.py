@@ -103,7 +103,7 @@ def test_4x_style_config_minimal_defaults():
 def test_defaults_match_transformers(family):
     config_cls = {"gpt2": transformers.GPT2Config, "llama": transformers.LlamaConfig}
     config_cls |= {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}
-    config_cls["qwen3"] = transformers.Qwen3Config
+    config_cls |= {"qwen3": transformers.Qwen3Config, "olmo2": transformers.Olmo2Config}
     reference = config_cls[family]().to_dict()
     for key, value in HF_DEFAULTS[family].items():
         if value is not None:  # None: derived in __post_init__ (head_dim, kv heads)

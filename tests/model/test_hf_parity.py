@@ -1,5 +1,6 @@
-"""Logit parity of `from_hf` / `to_hf` against transformers' GPT-2, Llama, Mistral, Qwen2 and Qwen3, and mutations that
-prove the parity check can fail. Small random HF models (initializer_range=0.2: logits of order 1-10), fp32.
+"""Logit parity of `from_hf` / `to_hf` against transformers' GPT-2, Llama, Mistral, Qwen2, Qwen3 and OLMo 2, and
+mutations that prove the parity check can fail. Small random HF models (initializer_range=0.2: logits of order
+1-10), fp32.
 
     .venv/bin/pytest tests/model/test_hf_parity.py -q
 """
@@ -7,6 +8,7 @@ prove the parity check can fail. Small random HF models (initializer_range=0.2: 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -101,7 +103,7 @@ def make_mistral(**kw):
     return hf.eval()
 
 
-def make_qwen(family: str, **kw):
+def make_qwen(family: str, **kw):  # Qwen2, Qwen3 or Olmo2: Llama's config fields
     torch.manual_seed(0)
     config = getattr(transformers, f"{family}Config")(**_llama_kwargs(**kw))
     hf = getattr(transformers, f"{family}ForCausalLM")(config).eval()
@@ -221,6 +223,21 @@ def test_qwen3_parity(kw):
     assert parity_error(ours, hf, idx) > TOL, "the q norm did not act"
 
 
+@pytest.mark.parametrize("kw", [{}, {"head_dim": 32, "tie_word_embeddings": True}], ids=["gqa", "head_dim_tied"])
+def test_olmo2_parity(kw):
+    """OLMo 2: each sublayer's output normed before the residual add (no input norms), and RMSNorm over the whole
+    q and k projections (all heads together), before RoPE."""
+    hf = make_qwen("Olmo2", **kw)
+    ours, idx = from_hf(hf), tokens(24)
+    assert (ours.cfg.norm_position, ours.cfg.qk_norm) == ("output", "full")
+    assert ours.cfg.param_counts()["total"] == sum(p.numel() for p in ours.parameters())
+    assert_parity(ours, hf, idx)
+    assert parity_error(with_cfg(ours, norm_position="pre"), hf, idx) > TOL, "the norm placement did not act"
+    with torch.no_grad():
+        ours.blocks[0].attn.k_norm.weight.fill_(1.0)
+    assert parity_error(ours, hf, idx) > TOL, "the k norm did not act"
+
+
 def test_qwen3_with_attention_bias_is_refused():
     hf = make_qwen("Qwen3", attention_bias=True)
     with pytest.raises(UserError, match="attention_bias=True with mlp_bias=False"):
@@ -231,8 +248,8 @@ def test_qwen3_with_attention_bias_is_refused():
     "make, kw",
     [(make_gpt2, {}), (make_gpt2, {"tie_word_embeddings": False}), (make_llama, {})]
     + [(make_llama, {"tie_word_embeddings": True}), (make_mistral, {})]
-    + [(lambda **kw: make_qwen("Qwen2", **kw), {}), (lambda **kw: make_qwen("Qwen3", **kw), {})],
-    ids=["gpt2", "gpt2_untied", "llama", "llama_tied", "mistral", "qwen2", "qwen3"],
+    + [(functools.partial(make_qwen, family), {}) for family in ("Qwen2", "Qwen3", "Olmo2")],
+    ids=["gpt2", "gpt2_untied", "llama", "llama_tied", "mistral", "qwen2", "qwen3", "olmo2"],
 )
 def test_to_hf_round_trip(make, kw):
     hf = make(**kw)

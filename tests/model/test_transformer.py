@@ -56,7 +56,11 @@ def test_cached_decoding_equals_full_recompute(attention, position):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kw", [dict(qk_norm=True), dict(qkv_bias=True, bias=False)], ids=["qk_norm", "qkv_bias"])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(qk_norm="head"), dict(qk_norm="full"), dict(qkv_bias=True, bias=False), dict(norm_position="output")],
+    ids=["qk_norm_head", "qk_norm_full", "qkv_bias", "output_norm"],
+)
 def test_qk_norm_and_qkv_bias_options(kw):
     """Qwen3's QK-norm and Qwen2's q/k/v-only biases (HF parity in test_hf_parity.py): parameters counted as built,
     cached decoding = full recompute, and QK-norm makes attention blind to the scale of q and k."""
