@@ -1,5 +1,6 @@
-"""Hugging Face import: GPT-2, Llama, Mistral, Qwen2 and Qwen3 checkpoints into an lmforge `Transformer` with the
-same logits (fp32: ≤1e-4 relative; tests/model/test_hf_parity.py checks it). Export is `lmforge.model.hf_export`.
+"""Hugging Face import: GPT-2, Llama, Mistral, Qwen2, Qwen3 and OLMo 2 checkpoints into an lmforge `Transformer`
+with the same logits (fp32: ≤1e-4 relative; tests/model/test_hf_parity.py checks it).
+Export is `lmforge.model.hf_export`.
 
     from lmforge.model.hf import from_hf, load_hf_tokenizer
     model = from_hf("path/to/hf_folder")           # config.json + model.safetensors (or a sharded index)
@@ -8,8 +9,8 @@ same logits (fp32: ≤1e-4 relative; tests/model/test_hf_parity.py checks it). E
 
 A folder import reads config.json as a plain dict and the weights with safetensors (never pickles), so it
 needs no transformers install; export does. Anything in a checkpoint that lmforge cannot reproduce
-exactly (YaRN/LongRoPE scaling, partial rotary, mixed biases, qk-norm, unknown weights, ...) is refused with
-a ValueError rather than imported with silently different math.
+exactly (YaRN/LongRoPE scaling, partial rotary, mixed biases, a foreign family's flags, unknown weights, ...) is
+refused with a UserError rather than imported with silently different math.
 """
 
 from __future__ import annotations
