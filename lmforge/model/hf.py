@@ -319,18 +319,23 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def from_hf(model_or_folder, dtype: torch.dtype | None = None) -> Transformer:
     """A Transformer with the architecture and weights of a HF GPT-2/Llama/Mistral model (a PreTrainedModel
     or a local folder). dtype: None keeps the checkpoint's dtype. Dropout starts at 0 (a training choice)."""
-    if isinstance(model_or_folder, (str, os.PathLike)):
+    from .empty import attach, empty_transformer
+
+    folder = isinstance(model_or_folder, (str, os.PathLike))
+    if folder:
         hf_config, hf_sd = read_hf_folder(model_or_folder)
     else:
         hf_config, hf_sd = model_or_folder.config.to_dict(), model_or_folder.state_dict()
     cfg = config_from_hf(hf_config)
     sd = state_dict_from_hf(hf_sd, cfg)
-    model = Transformer(cfg)
+    del hf_sd
     dtype = dtype or sd["tok_emb.weight"].dtype
-    for p in model.parameters():  # parameters only: buffers (RoPE frequencies) stay fp32
-        p.data = p.data.to(dtype)
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
+    # The tensors read from a folder become the model's own (no second copy); an in-memory HF model's are copied,
+    # so that the two models never share weights. Buffers (RoPE frequencies) stay fp32.
+    sd = {k: v.to(dtype) if folder else v.detach().to(dtype, copy=True) for k, v in sd.items()}
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["tok_emb.weight"]
+    return attach(empty_transformer(cfg), sd)
 
 
 def load_hf_tokenizer(folder) -> tuple[Any, str | None]:
