@@ -294,10 +294,10 @@ def quick_model() -> tuple[Transformer, np.ndarray, str]:
 def load_run(run: str) -> tuple[Transformer, np.ndarray, str]:
     from lmforge.data.loader import TokenData
     from lmforge.runs import RunDir
-    from lmforge.train.artifacts import load_run_model
     from lmforge.train.checkpoint import latest_checkpoint
+    from lmforge.train.resolve import resolve_model
 
-    model, _, config = load_run_model(run)
+    model, _, config = resolve_model(run)
     data = Path(config.data)
     if not data.is_absolute() and not data.exists():
         data = REPO_ROOT / data

@@ -52,13 +52,13 @@ def random_pair(quick: bool) -> tuple[Transformer, Transformer]:
 
 
 def try_load_run(run: str | None):
-    """(model, tokenizer path, config) of a run folder, or None when it is missing or has no checkpoint."""
+    """(model, tokenizer, config) of a run folder, or None when it is missing or has no checkpoint."""
     if run is None or not Path(run).is_dir():
         return None
-    from lmforge.train.artifacts import load_run_model
+    from lmforge.train.resolve import resolve_model
 
     try:
-        return load_run_model(run)
+        return resolve_model(run)
     except FileNotFoundError:
         return None
 
@@ -73,13 +73,12 @@ def read_docs(data_dir: str | Path) -> list[str] | None:
 def load_models(target_run: str | None, draft_run: str | None, quick: bool) -> Models:
     """Trained target and draft when both runs load; else a random pair (and a warning), with prompt lookup on
     whichever trained run did load. --quick without runs named: tiny random models."""
-    from lmforge.tokenizer import Tokenizer
 
     if not quick:
         target_run, draft_run = target_run or "runs/medium", draft_run or "runs/tiny"
     t, d = try_load_run(target_run), try_load_run(draft_run)
     if t and d:
-        tok = Tokenizer.load(t[1])
+        tok = t[1]
         vocab = min(tok.vocab_size, t[0].cfg.vocab_size, d[0].cfg.vocab_size)
         docs = read_docs(t[2].data)
         notes = [] if docs else [f"no {Path(t[2].data) / 'val_docs.jsonl'}: prompts are random token ids"]
@@ -97,7 +96,7 @@ def load_models(target_run: str | None, draft_run: str | None, quick: bool) -> M
     vocab = target.cfg.vocab_size
     one = t or d  # prompt lookup needs no draft: one trained run is enough for it
     if one:
-        tok = Tokenizer.load(one[1])
+        tok = one[1]
         notes.append(f"prompt lookup runs on the trained run {one[2].name} ({one[0].cfg.n_layer} layers, "
                      f"d={one[0].cfg.d_model}), on held-out code")  # fmt: skip
         lookup_vocab = min(tok.vocab_size, one[0].cfg.vocab_size)

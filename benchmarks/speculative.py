@@ -2,7 +2,7 @@
 with the acceptance rate, the measured cost ratios, and the speed-up they predict beside the one measured.
 
 Models: the target is a trained run (`--target`, default runs/medium), the draft a smaller one sharing its
-tokenizer (`--draft`, default runs/tiny), loaded with `lmforge.train.artifacts.load_run_model`; prompts are
+tokenizer (`--draft`, default runs/tiny), loaded with `lmforge.train.resolve.resolve_model`; prompts are
 64-token windows of held-out stdlib documents (`val_docs.jsonl` in the run's data folder). If a run is missing:
 a random GPT-2-124M target, a random ~4x-smaller draft (6 layers, d=384) and random-token prompts, with a
 warning — random models' α says nothing about trained ones.

@@ -78,3 +78,23 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
 
         cfg = resume_config(cls, cfg, args.overrides)
     return cfg
+
+
+MODEL_HELP = "a run folder (runs/tiny), one of its checkpoints, a Hugging Face folder or a .gguf file"
+
+
+def add_model_argument(parser: argparse.ArgumentParser, *, alias: str | None = None) -> None:
+    """The positional MODEL of every command that takes one (`lmforge.train.resolve.resolve_model` reads it).
+    `alias` keeps an older option spelling working (`generate --ckpt`); read the value with `model_from_args`."""
+    parser.add_argument("model", nargs="?" if alias else None, metavar="MODEL", help=MODEL_HELP)
+    if alias:
+        parser.add_argument(alias, dest="model_alias", metavar="MODEL", help="the same as MODEL (kept for scripts)")
+
+
+def model_from_args(args: argparse.Namespace) -> str:
+    from lmforge.config import UserError
+
+    given = [m for m in (args.model, getattr(args, "model_alias", None)) if m]
+    if len(given) != 1:
+        raise UserError(f"give one MODEL: {MODEL_HELP}" if not given else "give MODEL or --ckpt, not both")
+    return given[0]

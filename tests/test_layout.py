@@ -17,9 +17,9 @@ ORDER = ["hardware", "config", "runs", "registry", "report", "model", "tokenizer
 EXCEPTIONS = {
     # runs.py builds on config.py; config's writer borrows the atomic write from runs.py instead of a third copy.
     ("lmforge.config", "lmforge.runs"),
-    # The one model loader (train/artifacts.py: run folders, checkpoints, HF folders) reads train's checkpoints;
-    # the models-in resolver (issue 17) is where it moves below train/.
-    ("lmforge.infer.loading", "lmforge.train.artifacts"),
+    # The one resolver of every MODEL (train/resolve.py: runs, checkpoints, HF folders, .gguf files) reads run
+    # folders through train's checkpoint code (latest intact checkpoint, file hashes); inference loads through it.
+    ("lmforge.infer.loading", "lmforge.train.resolve"),
 }
 
 PACKAGE = Path(lmforge.__file__).parent
@@ -71,4 +71,4 @@ def test_imports_point_down_the_layout():
 def test_the_checker_sees_lazy_and_relative_imports():
     paged = PACKAGE / "infer" / "paged.py"  # relative: `from .kv_cache import ...`; lazy ones inside functions
     assert "lmforge.infer.kv_cache" in imported_modules(paged)
-    assert "lmforge.train.artifacts" in imported_modules(PACKAGE / "infer" / "loading.py")  # inside a function
+    assert "lmforge.train.resolve" in imported_modules(PACKAGE / "infer" / "loading.py")  # inside a function

@@ -106,7 +106,7 @@ def dpo_batch_loss(cfg: DPOConfig, tokenizer, max_len: int):
 def run(cfg: DPOConfig) -> RunDir:
     seed_everything(cfg.train.seed)  # before any weights are made: the same seed reproduces the run
     check_config(cfg)
-    policy, tokenizer, tok_path = load_base(cfg)
+    policy, tokenizer = load_base(cfg)
     max_len = cfg.max_len or cfg.model.max_seq_len
     train_pairs, val_pairs = split_by_prompt(load_pairs(cfg.data), cfg.val_fraction, cfg.seed)
     # The reference is the base model: computed before training (with LoRA, the policy with adapters off).
@@ -114,7 +114,7 @@ def run(cfg: DPOConfig) -> RunDir:
     ref_val = reference_logprobs(policy, tokenizer, val_pairs, max_len) if val_pairs else None
     if cfg.lora.enabled:
         apply_lora(policy, cfg.lora)
-    run_dir = create_run(cfg, tok_path)
+    run_dir = create_run(cfg, tokenizer)
     tcfg = cfg.train
     loss_fn = dpo_batch_loss(cfg, tokenizer, max_len)
 

@@ -96,11 +96,11 @@ def run(cfg: GRPOConfig) -> RunDir:
     config_examples(task, "heldout", cfg.eval_n, cfg.seed, "eval_n")  # what every eval draws: fail now if too few
     pool = prompt_pool(task, max(cfg.prompts_per_step * cfg.train.steps, 1000), cfg.seed)
     check_pool(pool, cfg.prompts_per_step, "prompts_per_step", task)
-    policy, tokenizer, tok_path = load_base(cfg)
+    policy, tokenizer = load_base(cfg)
     reference_logp = frozen_reference(policy, cfg.lora.enabled) if cfg.beta > 0 else None
     if cfg.lora.enabled:
         apply_lora(policy, cfg.lora)
-    run_dir = create_run(cfg, tok_path)
+    run_dir = create_run(cfg, tokenizer)
     cache: dict[int, GroupBatch] = {}
 
     def batch_fn(step: int, micro: int, n_micro: int) -> GroupBatch:

@@ -201,7 +201,7 @@ def run(cfg: PPOConfig) -> RunDir:
     n_rollouts = -(-cfg.train.steps // steps_per_rollout)
     pool = prompt_pool(task, max(cfg.prompts_per_rollout * n_rollouts, 1000), cfg.seed)
     check_pool(pool, cfg.prompts_per_rollout, "prompts_per_rollout", task)
-    policy, tokenizer, tok_path = load_base(cfg)
+    policy, tokenizer = load_base(cfg)
     reward_model, rm_tokenizer = load_reward_model(cfg.reward_model)
     if rm_tokenizer.fingerprint() != tokenizer.fingerprint():
         raise ConfigError(f"reward_model {cfg.reward_model}: its tokenizer ({rm_tokenizer.vocab_size} tokens) is not "
@@ -214,7 +214,7 @@ def run(cfg: PPOConfig) -> RunDir:
     critic = critic_from(reward_model) if cfg.critic == "reward_model" else None
     model = PolicyWithValue(policy, critic)
     kl_control = AdaptiveKL(cfg.beta, cfg.target_kl, cfg.kl_horizon)
-    run_dir = create_run(cfg, tok_path)
+    run_dir = create_run(cfg, tokenizer)
     cache: dict[int, tuple[PPOBatch, list[int]]] = {}
 
     score_mean, score_std = reward_scale(policy, tokenizer, reward_model, pool, cfg) if cfg.normalize_reward else (0, 1)

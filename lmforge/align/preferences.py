@@ -174,7 +174,7 @@ class PairSampler:
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int = 64, top_p: float = 1.0):
         self.model, self.tokenizer, self.max_new_tokens, self.top_p = model, tokenizer, max_new_tokens, top_p
-        self.stop_ids = (tokenizer.special_ids["<|end|>"], tokenizer.eos_id)
+        self.stop_ids = tokenizer.stop_ids
 
     @classmethod
     def from_run(cls, path: str | Path, **kwargs) -> PairSampler:

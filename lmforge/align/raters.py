@@ -351,7 +351,7 @@ class CheckpointJudge:
         from lmforge.infer.replies import generate_replies
         from lmforge.infer.sampling import SamplingParams
 
-        stops = (self.tokenizer.special_ids["<|end|>"], self.tokenizer.eos_id)
+        stops = self.tokenizer.stop_ids
         params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0, seed=0, stop_ids=stops)
         # a judge prompt past the judge's context is refused (ContextLengthError): a verdict cut short is no verdict
         (reply,) = generate_replies(self.model, self.tokenizer, [messages], params)

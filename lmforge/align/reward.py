@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -123,13 +122,13 @@ def run(cfg: RewardConfig) -> RunDir:
     check_config(cfg)
     if cfg.init:
         model, tokenizer = load_reward_model(cfg.init)
-        tok_path, cfg.model = Path(cfg.init) / "tokenizer.json", model.cfg
+        cfg.model = model.cfg
     else:
-        backbone, tokenizer, tok_path = load_base(cfg)
+        backbone, tokenizer = load_base(cfg)
         model = RewardModel(backbone)
     max_len = cfg.max_len or cfg.model.max_seq_len
     train_pairs, val_pairs = split_by_prompt(load_pairs(cfg.data), cfg.val_fraction, cfg.seed)
-    run_dir = create_run(cfg, tok_path)
+    run_dir = create_run(cfg, tokenizer)
     tcfg = cfg.train
 
     def batch_fn(step: int, micro: int, n_micro: int) -> PairBatch:
@@ -147,12 +146,11 @@ def run(cfg: RewardConfig) -> RunDir:
 
 
 def load_reward_model(run) -> tuple[RewardModel, object]:
-    """(RewardModel in eval mode, Tokenizer) of a `lmforge reward train` run."""
-    from lmforge.tokenizer import Tokenizer
-    from lmforge.train.artifacts import load_run_model
+    """(RewardModel in eval mode, tokenizer) of a `lmforge reward train` run."""
+    from lmforge.train.resolve import resolve_model
 
-    model, tok_path, _ = load_run_model(run, build=lambda c: RewardModel(Transformer(c)))
-    return model, Tokenizer.load(tok_path)
+    model, tokenizer, _ = resolve_model(run, build=lambda c: RewardModel(Transformer(c)))
+    return model, tokenizer
 
 
 @torch.no_grad()

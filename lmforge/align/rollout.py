@@ -35,7 +35,7 @@ class Rollout:
 def rollout(model, tokenizer, prompts: list[list[dict]], *, n: int = 1, temperature: float = 1.0,
             max_new_tokens: int = 16, seed: int = 0, top_p: float = 1.0) -> Rollout:  # fmt: skip
     """`n` sampled responses to each chat prompt (a list of messages ending with the user's turn)."""
-    stops = (tokenizer.token_to_id("<|end|>"), tokenizer.eos_id)
+    stops = tokenizer.stop_ids
     params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                              seed=seed * 100_003 + i, stop_ids=stops) for i in range(len(prompts))]  # fmt: skip
     replies = generate_replies(model, tokenizer, prompts, params)

@@ -131,7 +131,7 @@ def run(cfg: SFTConfig) -> RunDir:
     from lmforge.train.checkpoint import latest_checkpoint
 
     check_config(cfg)
-    model, tokenizer, tok_path = load_base(cfg)
+    model, tokenizer = load_base(cfg)
     seq_len = cfg.seq_len or cfg.model.max_seq_len
     train_chats, val_chats = conversations(cfg)
     train_rows = pack(render(tokenizer, train_chats), seq_len, tokenizer.pad_id, cfg.packing)
@@ -143,7 +143,7 @@ def run(cfg: SFTConfig) -> RunDir:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         print(f"LoRA rank {cfg.lora.rank} on {len(wrapped)} layers: {trainable:,} of {total:,} parameters train")
-    run_dir = create_run(cfg, tok_path)
+    run_dir = create_run(cfg, tokenizer)
     if cfg.resume and cfg.lora.enabled:
         last = latest_checkpoint(run_dir.checkpoints)
         if last is not None and "merged" in (last / "info.json").read_text():

@@ -1,17 +1,15 @@
 """What every post-training stage does first: load the earlier run it starts from, and open its own run folder.
 
-model, tokenizer, tok_path = load_base(cfg)      # cfg.base: a run folder; sets cfg.model from it
-run_dir = create_run(cfg, tok_path)              # runs/<name>/ with config.yaml and the tokenizer
+model, tokenizer = load_base(cfg)                # cfg.base: any MODEL (run, checkpoint, HF folder, .gguf)
+run_dir = create_run(cfg, tokenizer)             # runs/<name>/ with config.yaml and the tokenizer
 check_config(cfg)                                # cfg.validate() for a config built in Python: a ConfigError
 held = config_examples(task, "heldout", cfg.eval_n, cfg.seed, "eval_n")   # too few prompts: a ConfigError
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from lmforge.config import ConfigError
-from lmforge.runs import RunDir, atomic_write_bytes
+from lmforge.runs import RunDir
 
 
 def check_config(cfg) -> None:
@@ -39,14 +37,14 @@ def config_examples(task, split: str, n: int, seed: int, key: str) -> list:
 
 
 def load_base(cfg):
-    """(model, Tokenizer, tokenizer path) of the run `cfg.base`. `cfg.model` becomes the base's model config, so
-    the stage's config.yaml loads like a pretraining run's (`lmforge.train.artifacts.load_run_model`)."""
-    from lmforge.tokenizer import Tokenizer
-    from lmforge.train.artifacts import load_run_model
+    """(model, tokenizer) of `cfg.base`: a run, a checkpoint, an HF folder or a .gguf file
+    (`lmforge.train.resolve.resolve_model`). `cfg.model` becomes the base's model config, so the stage's
+    config.yaml loads like a pretraining run's."""
+    from lmforge.train.resolve import resolve_model
 
-    model, tok_path, base_cfg = load_run_model(cfg.base)
+    model, tokenizer, base_cfg = resolve_model(cfg.base)
     cfg.model = base_cfg.model
-    return model, Tokenizer.load(tok_path), Path(tok_path)
+    return model, tokenizer
 
 
 def check_pool(pool: list, per_step: int, key: str, task) -> None:
@@ -56,10 +54,11 @@ def check_pool(pool: list, per_step: int, key: str, task) -> None:
                           f"sample from: lower {key} or widen the task", key)  # fmt: skip
 
 
-def create_run(cfg, tok_path: Path) -> RunDir:
-    """The stage's run folder (resumed when `cfg.resume`), carrying its tokenizer for the stages after it."""
+def create_run(cfg, tokenizer) -> RunDir:
+    """The stage's run folder (resumed when `cfg.resume`), carrying its tokenizer — lmforge's or the imported
+    model's own, with its chat template — for the stages after it."""
     run_dir = RunDir.create(cfg.runs_dir, cfg.name, cfg, resume=cfg.resume)
-    atomic_write_bytes(run_dir.path / "tokenizer.json", tok_path.read_bytes())
+    tokenizer.save(run_dir.path)
     return run_dir
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lmforge.config import UserError
 from lmforge.hardware import QUANT_SCHEMES
-from lmforge.registry import command
+from lmforge.registry import add_model_argument, command, model_from_args
 
 KV_CHOICES = ["contiguous", "int8", "paged", "paged-int8", "sliding"]
 QUANT_CHOICES = list(QUANT_SCHEMES)  # lmforge.infer.quantize.SCHEMES is keyed by the same tuple
@@ -70,8 +70,10 @@ def sampling_params_from_args(args: argparse.Namespace, **fields):
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="a run folder (runs/tiny), one of its checkpoints, or an HF folder")
-    p.add_argument("--prompt", default="\n", help="text to continue")
+    add_model_argument(p, alias="--ckpt")
+    p.add_argument("--prompt", default="\n", help="text to continue (special-token strings in it are read as such)")
+    p.add_argument("--chat", metavar="MESSAGE", help="a user message: print the reply the model's chat template asks")
+    p.add_argument("--system", help="--chat: a system message before it")
     add_sampling_arguments(p)
     p.add_argument("--n", type=int, default=1, help="samples of the prompt (they share its KV blocks: --kv paged)")
     p.add_argument("--logprobs", type=int, default=None, metavar="K", help="print each token's log-prob and top K")
@@ -93,6 +95,7 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         (args.window < 1, f"--window must be ≥ 1 (keys kept per layer), got {args.window}"),
         (not 0 <= args.sinks < args.window, f"--sinks must be in [0, --window), got {args.sinks}"),
         (bool(args.draft and args.lookup), "give --draft or --lookup, not both"),
+        (args.system is not None and args.chat is None, "--system goes with --chat"),
     ]
     for bad, message in problems:
         if bad:
@@ -112,8 +115,8 @@ def generate(args: argparse.Namespace) -> None:
 
     params = sampling_params_from_args(args, n=args.n, logprobs=args.logprobs)  # every check before the load
     _check_generate_args(args)
-    model, tok = load_for_inference(args.ckpt)
-    params.stop_ids = (tok.eos_id,)
+    model, tok = load_for_inference(model_from_args(args))
+    params.stop_ids = tuple(tok.stop_ids)
     draft = None
     if args.draft:
         from lmforge.infer.speculative import check_same_tokenizer
@@ -124,7 +127,12 @@ def generate(args: argparse.Namespace) -> None:
         from lmforge.infer.quantize import quantize_model
 
         quantize_model(model, args.quantize)
-    prompt = tok.encode(args.prompt)
+    if args.chat is not None:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        prompt = tok.render_chat([*messages, {"role": "user", "content": args.chat}], add_generation_prompt=True)[0]
+        args.prompt = ""  # the reply alone is printed
+    else:
+        prompt = tok.encode(args.prompt, allow_special=True)
     for m in (model, draft) if draft is not None else (model,):
         check_context(m.cfg, len(prompt), params.max_new_tokens, streaming=args.kv == "sliding")
     paged = args.kv.startswith("paged") or args.n > 1 or args.logprobs is not None
@@ -156,7 +164,7 @@ def generate(args: argparse.Namespace) -> None:
         text = TextStream(tok, params.stop)
         for token in stream:
             count += 1
-            if token == tok.eos_id:
+            if token in params.stop_ids:
                 break
             print(text.feed(token), end="", flush=True)
             if text.stopped:
@@ -195,6 +203,29 @@ def _batch1_stream(model, prompt, params, args, vocab_size, draft=None):
 
         cache = ContiguousKVCache(model.cfg, 1, len(prompt) + params.max_new_tokens, kv_dtype="int8")
     return generate_stream(model, prompt, params, cache=cache, vocab_size=vocab_size)
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    add_model_argument(p)
+    p.add_argument("--system", help="a system message at the start of every conversation")
+    add_sampling_arguments(p, max_new_tokens=512, temperature=0.7)
+    p.add_argument("--quantize", choices=QUANT_CHOICES, help="weights: int8 weight-only, W8A8-dynamic, int4, bf16")
+
+
+@command("chat", help="chat with a model in the terminal: streaming, multi-turn, /reset, Ctrl-C stops a reply",
+         arguments=_chat_args)  # fmt: skip
+def chat(args: argparse.Namespace) -> None:
+    from lmforge.infer.chat import chat_loop
+    from lmforge.infer.fastpath import optimize_for_decode
+    from lmforge.infer.loading import load_for_inference
+
+    params = sampling_params_from_args(args)
+    model, tok = load_for_inference(model_from_args(args))
+    if args.quantize:
+        from lmforge.infer.quantize import quantize_model
+
+        quantize_model(model, args.quantize)
+    chat_loop(optimize_for_decode(model), tok, params, system=args.system)
 
 
 BENCHMARKS = {

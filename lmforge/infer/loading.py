@@ -1,10 +1,10 @@
 """Load a model and its tokenizer for inference from whatever the user points at: a run folder (its latest
-checkpoint), one checkpoint folder of a run, or a Hugging Face folder written by `lmforge export`.
+checkpoint), one checkpoint folder of a run, a Hugging Face folder or a .gguf file.
 
     model, tok = load_for_inference("runs/tiny")
 
-The loading itself is `lmforge.train.artifacts.load_run_model`, the one loader of every command (weights from
-safetensors only); this is its (model, Tokenizer) form.
+The loading itself is `lmforge.train.resolve.resolve_model`, the one resolver of every command (weights from
+safetensors or GGUF only); this is its (model, tokenizer) form.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from pathlib import Path
 
 
 def load_for_inference(path: str | Path):
-    """(Transformer in eval mode, Tokenizer)."""
-    from lmforge.tokenizer import Tokenizer
-    from lmforge.train.artifacts import load_run_model
+    """(Transformer in eval mode, tokenizer)."""
+    from lmforge.train.resolve import resolve_model
 
-    model, tok_path, _ = load_run_model(path)
-    return model, Tokenizer.load(tok_path)
+    model, tokenizer, _ = resolve_model(path)
+    return model, tokenizer

@@ -1,5 +1,5 @@
-"""What a finished run is used for: load its model, sample from it, evaluate it, export it to HF.
-`load_run_model` is the one loader of every command that takes a model from the user.
+"""What a finished model is used for: sample from it, evaluate it, export it to HF. Every MODEL is taken through
+`lmforge.train.resolve.resolve_model` (a run, a checkpoint, an HF folder or a .gguf file).
 
 lmforge sample runs/demo --prompt "def fibonacci(n):" --max-new-tokens 120
 lmforge eval runs/demo                       # val loss and bits per byte on the run's data
@@ -14,87 +14,9 @@ from pathlib import Path
 import torch
 
 from lmforge.config import ConfigError
-from lmforge.model import Transformer
-from lmforge.runs import RunDir
 
-from .checkpoint import STEP_DIR, checkpoint_dirs, latest_checkpoint, load_weights
-from .pretrain import PretrainConfig, evaluate_lm
-
-
-def load_run_model(
-    path: str | Path, step: int | None = None, build=Transformer
-) -> tuple[Transformer, Path, PretrainConfig]:
-    """The one loader of every command that takes a model from the user (sample, generate, eval, export, a later
-    stage's base= or init=, a rater): (model in eval mode, its tokenizer.json, its config).
-
-    `path` is a run folder (its latest checkpoint, or the one of `step`), one checkpoint folder of a run
-    (runs/NAME/checkpoints/step_000720), or a Hugging Face folder (config.json + safetensors, e.g. written by
-    `lmforge export`). Weights load through safetensors only (`load_weights`, `from_hf`): nothing the user
-    points at is unpickled. `build(model_config)` makes the module the checkpoint holds (a reward model wraps
-    the Transformer)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: give a run folder (runs/NAME), one of its checkpoints "
-                                "(runs/NAME/checkpoints/step_NNNNNN) or a Hugging Face folder")  # fmt: skip
-    if (path / "config.json").is_file():
-        return _load_hf_folder(path, build)
-    ckpt = None
-    if path.parent.name == "checkpoints" and STEP_DIR.match(path.name):  # runs/NAME/checkpoints/step_000720
-        ckpt, path = path, path.parent.parent
-    run_dir = RunDir.open(path)
-    config = pretrain_view(run_dir)
-    model = build(config.model)
-    verified = ckpt is None and step is None  # latest_checkpoint hashes every file of the one it returns
-    if ckpt is None:
-        ckpt = run_dir.checkpoints / f"step_{step:06d}" if step is not None else latest_checkpoint(run_dir.checkpoints)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir.checkpoints}: train the run first, or give another run "
-                                "or one checkpoint folder (runs/NAME/checkpoints/step_NNNNNN)")  # fmt: skip
-    if not ckpt.is_dir():
-        have = ", ".join(p.name for p in checkpoint_dirs(run_dir.checkpoints)) or "none"
-        raise FileNotFoundError(f"{ckpt} is not a checkpoint of {run_dir.path} (it has: {have})")
-    try:
-        load_weights(ckpt, model, verified=verified)
-    except RuntimeError as e:  # the run holds another kind of model: say which, in one line
-        raise ConfigError(_other_model(run_dir.path, model, str(e))) from None
-    model.eval()
-    return model, run_dir.path / "tokenizer.json", config
-
-
-def _load_hf_folder(path: Path, build) -> tuple[Transformer, Path, PretrainConfig]:
-    from lmforge.model.hf import from_hf
-
-    if build is not Transformer:
-        raise ConfigError(f"{path} is a Hugging Face language model folder: give a run of the stage this needs")
-    if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{path} has no tokenizer.json: export it with `lmforge export`")
-    model = from_hf(path).eval()
-    return model, path / "tokenizer.json", PretrainConfig(model=model.cfg, data="")
-
-
-def _other_model(run: Path, model: torch.nn.Module, error: str) -> str:
-    wants_reward_model = any(name.startswith("backbone.") for name in model.state_dict())
-    holds_reward_model = 'Unexpected key(s) in state_dict: "backbone.' in error
-    if wants_reward_model and not holds_reward_model and "Missing key(s)" in error:
-        return f"{run} holds a language model, not a reward model: give a run of `lmforge reward train`"
-    if holds_reward_model and not wants_reward_model:
-        return (f"{run} holds a reward model (trunk and scalar head), not a language model: give an SFT or "
-                "pretraining run")  # fmt: skip
-    return f"{run}: its checkpoint does not fit the model its config.yaml describes ({error.splitlines()[0]})"
-
-
-def pretrain_view(run_dir: RunDir) -> PretrainConfig:
-    """The run's config as a PretrainConfig. Later stages (SFT, reward, DPO, ...) write their own configs with
-    the same `model`, `train` and `data` sections plus keys of their own, which are left out here."""
-    import dataclasses
-
-    import yaml
-
-    from lmforge.config import from_dict
-
-    raw = yaml.safe_load(run_dir.config_path.read_text()) or {}
-    known = {f.name for f in dataclasses.fields(PretrainConfig)}
-    return from_dict(PretrainConfig, {k: v for k, v in raw.items() if k in known and k != "eval"})
+from .pretrain import evaluate_lm
+from .resolve import resolve_model
 
 
 def sample(run: str | Path, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
@@ -102,17 +24,15 @@ def sample(run: str | Path, prompt: str, *, max_new_tokens: int = 200, temperatu
     """Continue `prompt` with the run's model; prints tokens as they come when `stream`."""
     from lmforge.infer.generate import generate_stream
     from lmforge.infer.replies import fit_to_context
-    from lmforge.tokenizer import Tokenizer
 
-    model, tok_path, _ = load_run_model(run)
-    tok = Tokenizer.load(tok_path)
+    model, tok, _ = resolve_model(run)
     ids = tok.encode(prompt)
     max_new_tokens = fit_to_context(model.cfg, len(ids), max_new_tokens)  # a continuation stops at the context
     decoder = tok.incremental_decoder()
     pieces = []
     for token in generate_stream(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0,
-                                 seed=seed, stop_ids=(tok.eos_id,), vocab_size=tok.vocab_size):  # fmt: skip
-        if token == tok.eos_id:
+                                 seed=seed, stop_ids=tok.stop_ids, vocab_size=tok.vocab_size):  # fmt: skip
+        if token in tok.stop_ids:
             break
         text = decoder.feed(token)
         pieces.append(text)
@@ -131,13 +51,49 @@ def evaluate(run: str | Path, data: str | None = None, batches: int = 0, batch_s
 
     from .distributed import environment
 
-    model, _, config = load_run_model(run)
+    model, _, config = resolve_model(run)
     if not (data or config.data):
         raise ConfigError(f"{run} is a Hugging Face folder, which names no data: give --data (a prepared folder)")
     token_data = TokenData(data or config.data)
     with torch.no_grad():
         return evaluate_lm(model, token_data, seq_len=model.cfg.max_seq_len, batch_size=batch_size,
                            max_batches=batches or None, env=environment())  # fmt: skip
+
+
+def evaluate_text(model_path: str | Path, text_file: str | Path, *, ctx: int | None = None) -> dict:
+    """Perplexity of a model on a text file, tokenized by the model's own tokenizer (BOS first where the tokenizer
+    adds one), cut into back-to-back windows of `ctx` tokens (default: the model's context), each scored on its
+    own: exp of the mean next-token NLL over every predicted token. The same windows fed to HF give the same
+    figure (tests/train/test_eval_text.py)."""
+    import math
+
+    from lmforge.config import UserError
+
+    path = Path(text_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--text {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"--text {path} is not UTF-8 text") from None
+    model, tok, _ = resolve_model(model_path)
+    ctx = ctx or model.cfg.max_seq_len
+    if not 2 <= ctx <= model.cfg.max_seq_len:
+        raise UserError(f"--ctx must be in [2, {model.cfg.max_seq_len}] (the model's context), got {ctx}")
+    ids = ([tok.bos_id] if tok.add_bos and tok.bos_id is not None else []) + tok.encode(text)
+    if len(ids) < 2:
+        raise UserError(f"--text {path} holds fewer than 2 tokens: nothing to predict")
+    total, count, windows = 0.0, 0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, ctx):
+            window = torch.tensor([ids[start : start + ctx]])
+            if window.shape[1] < 2:
+                break
+            logits = model(window).float()
+            nll = torch.nn.functional.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum")
+            total, count, windows = total + float(nll), count + window.shape[1] - 1, windows + 1
+    nll = total / count
+    return {"perplexity": math.exp(nll), "nll": nll, "tokens": count, "windows": windows, "ctx": ctx}
 
 
 def export(run: str | Path, to: str, out: str | Path, *, overwrite: bool = False) -> Path:
@@ -149,13 +105,10 @@ def export(run: str | Path, to: str, out: str | Path, *, overwrite: bool = False
         raise ConfigError(f"export --to {to!r}: only 'hf' is supported")
     from lmforge.model.hf_export import save_hf
     from lmforge.runs import atomic_write_text, check_output_folder
-    from lmforge.tokenizer import Tokenizer
 
     out = check_output_folder(out, overwrite, option="export --out")
-
-    model, tok_path, _ = load_run_model(run)
-    tok = Tokenizer.load(tok_path)
-    generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
+    model, tok, _ = resolve_model(run)
+    generation = {"bos_token_id": tok.bos_id, "eos_token_id": list(tok.stop_ids), "pad_token_id": tok.pad_id,
                   "do_sample": True, "temperature": 0.8, "top_k": 50, "max_new_tokens": 256}  # fmt: skip
 
     def tokenizer_and_generation(tmp: Path) -> None:

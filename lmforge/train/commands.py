@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lmforge.registry import add_config_arguments, command, config_from_args
+from lmforge.registry import add_config_arguments, add_model_argument, command, config_from_args
 
 
 def _pretrain_args(p: argparse.ArgumentParser) -> None:
@@ -30,14 +30,8 @@ def _count(text: str) -> int:
     return value
 
 
-def _run_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "run", help="run folder (runs/demo), one of its checkpoints (runs/demo/checkpoints/step_000720) or an HF folder"
-    )
-
-
 def _sample_args(p: argparse.ArgumentParser) -> None:
-    _run_arg(p)
+    add_model_argument(p)
     p.add_argument("--prompt", default="", help="text to continue (default: empty, i.e. from <|bos|>-less start)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -52,15 +46,22 @@ def sample(args: argparse.Namespace) -> None:
 
     sampling_params_from_args(args)  # a value out of range is one line, before the model loads
     print(args.prompt, end="", flush=True)
-    sample_run(args.run, args.prompt or "\n", max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    sample_run(args.model, args.prompt or "\n", max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                top_k=args.top_k, seed=args.seed)  # fmt: skip
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     from lmforge.data.tasks import available_tasks
 
-    _run_arg(p)
+    add_model_argument(p)
     p.add_argument("--data", default=None, help="prepared data folder (default: the run's own)")
+    p.add_argument(
+        "--text",
+        default=None,
+        metavar="FILE",
+        help="perplexity on a text file, in windows of --ctx tokens, with the model's own tokenizer",
+    )
+    p.add_argument("--ctx", type=int, default=None, help="--text: tokens a window (default: the model's context)")
     p.add_argument("--batches", type=_count, default=0, help="val batches to use (default 0: the whole split)")
     p.add_argument("--tasks", default=None, metavar="SPECS",
                    help="exact match on verifiable tasks instead of val loss, comma-separated specs, e.g. "
@@ -77,15 +78,33 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def evaluate(args: argparse.Namespace) -> None:
     if args.tasks is not None:
         return _evaluate_tasks(args)
+    if args.text is not None:
+        return _evaluate_text(args)
     from lmforge.train.artifacts import evaluate as evaluate_run
 
     if args.data is not None:
-        _check_same_tokenizer(args.run, args.data)
-    result = evaluate_run(args.run, args.data, batches=args.batches)
+        _check_same_tokenizer(args.model, args.data)
+    result = evaluate_run(args.model, args.data, batches=args.batches)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"val loss {result['val_loss']:.4f} nats/token, {result['val_bpb']:.4f} bits/byte")
+
+
+def _evaluate_text(args: argparse.Namespace) -> None:
+    from lmforge.config import ConfigError
+    from lmforge.train.artifacts import evaluate_text
+
+    if args.data is not None or args.batches:
+        raise ConfigError("--data and --batches belong to the val-split evaluation; drop them with --text")
+    result = evaluate_text(args.model, args.text, ctx=args.ctx)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"perplexity {result['perplexity']:.4f} ({result['nll']:.5f} nats/token) over {result['tokens']:,} "
+            f"predicted tokens in {result['windows']} windows of ≤ {result['ctx']}"
+        )
 
 
 def _check_same_tokenizer(run: str, data: str) -> None:
@@ -126,7 +145,7 @@ def _evaluate_tasks(args: argparse.Namespace) -> None:
     from lmforge.infer.loading import load_for_inference
     from lmforge.train.task_eval import evaluate_tasks, format_result
 
-    model, tok = load_for_inference(args.run)
+    model, tok = load_for_inference(args.model)
     if torch.cuda.is_available():
         model = model.cuda()
     results = {}
@@ -137,11 +156,11 @@ def _evaluate_tasks(args: argparse.Namespace) -> None:
         if not args.json:
             print(format_result(result), flush=True)
     if args.json:
-        print(json.dumps({"run": str(args.run), "tasks": results}))
+        print(json.dumps({"run": str(args.model), "tasks": results}))
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    _run_arg(p)
+    add_model_argument(p)
     p.add_argument("--to", default="hf", choices=["hf"], help="target format")
     p.add_argument("--out", required=True, help="output folder (refused if it holds anything, unless --overwrite)")
     p.add_argument(
@@ -156,4 +175,4 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 def export(args: argparse.Namespace) -> None:
     from lmforge.train.artifacts import export as export_run
 
-    print(f"exported to {export_run(args.run, args.to, args.out, overwrite=args.overwrite)}")
+    print(f"exported to {export_run(args.model, args.to, args.out, overwrite=args.overwrite)}")

@@ -21,7 +21,6 @@ import time
 from typing import NamedTuple
 
 from lmforge.data.tasks import Split, Task, exact_match_interval, examples, get_task
-from lmforge.tokenizer import END
 
 # Tokens allowed past the longest expected answer: room for <|end|> and for a model that pads its reply
 # with whitespace (which grading strips) before ending it.
@@ -41,7 +40,7 @@ def greedy_replies(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
     from lmforge.infer.replies import generate_replies
     from lmforge.infer.sampling import SamplingParams
 
-    stops = (tokenizer.token_to_id(END), tokenizer.eos_id)
+    stops = tokenizer.stop_ids
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, seed=0, stop_ids=stops)
     replies = []
     for c in generate_replies(model, tokenizer, prompts, params, fit_context=True, max_batch=batch_size,

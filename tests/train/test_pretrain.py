@@ -54,7 +54,8 @@ def test_eval_and_sample_commands(trained, capsys):
 def test_export_loads_in_transformers_with_the_same_logits(trained, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lmforge.train.artifacts import export, load_run_model
+    from lmforge.train.artifacts import export
+    from lmforge.train.resolve import resolve_model
 
     _, run_dir = trained
     folder = export(run_dir.path, "hf", tmp_path / "hf")
@@ -63,7 +64,7 @@ def test_export_loads_in_transformers_with_the_same_logits(trained, tmp_path):
     }
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
-    ours, _, _ = load_run_model(run_dir.path)
+    ours, _, _ = resolve_model(run_dir.path)
     ids = torch.tensor([tok("def alpha_1_2(x):\n    return")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
