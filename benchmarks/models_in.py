@@ -139,7 +139,8 @@ def main() -> int:
         folder_s = time.perf_counter() - start
         rss_folder = peak_rss_growth("benchmarks.models_in:load_only", [str(folder)])
         rows.append(("peak RSS growth of loading the exported HF folder ÷ fp32 weight bytes",
-                     f"{rss_folder.bytes / weight_bytes:.3f} ({fmt_bytes(rss_folder.bytes)}); load {folder_s:.1f} s"))  # fmt: skip
+                     f"{rss_folder.bytes / weight_bytes:.3f} ({fmt_bytes(rss_folder.bytes)}); "
+                     f"load {folder_s:.1f} s"))  # fmt: skip
 
         hf, hf_tok = hf_from_gguf(gguf)
         ids = tok.render_chat([{"role": "user", "content": QUESTION}], add_generation_prompt=True)[0]

@@ -57,8 +57,9 @@ def family_tokenizer(family: str, tmp_path: Path) -> tuple[ImportedTokenizer, ob
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     ours = load_tokenizer(folder)
     assert isinstance(ours, ImportedTokenizer)
-    theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
-                                                  bos_token=entry["bos_token"], eos_token=entry["eos_token"])  # fmt: skip
+    file = str(folder / "tokenizer.json")
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=file, bos_token=entry["bos_token"],
+                                                  eos_token=entry["eos_token"])  # fmt: skip
     theirs.chat_template = entry["template"]
     return ours, theirs
 
