@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import command_line, fmt_bytes, format_environment, peak_rss_growth, record
+from benchmarks.harness import command_line, environment, fmt_bytes, format_environment, peak_rss_growth, record
 
 QUESTION = "What is the capital of France?"
 GREEDY_TOKENS = 24
@@ -64,10 +64,13 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def greedy(model_fn, ids: list[int], n: int) -> list[int]:
+def greedy(model_fn, ids: list[int], n: int, stops: tuple[int, ...]) -> list[int]:
+    """Up to n argmax tokens by full recompute, ending at a stop id (kept), as HF generate ends."""
     out = list(ids)
     for _ in range(n):
         out.append(int(model_fn(torch.tensor([out]))[0, -1].argmax()))
+        if out[-1] in stops:
+            break
     return out[len(ids) :]
 
 
@@ -119,7 +122,7 @@ def main() -> int:
     from lmforge.train.artifacts import evaluate_text, export
     from lmforge.train.resolve import resolve_model
 
-    print(format_environment())
+    print(format_environment(environment()))
     print(f"model: {gguf} ({fmt_bytes(gguf.stat().st_size)})")
     rows: list[tuple[str, str]] = []
 
@@ -158,10 +161,11 @@ def main() -> int:
         )
         rows.append(("logits max relative error vs HF (GGUF / exported HF folder)",
                      f"{errors[0]:.2e} / {errors[1]:.2e} over {len(ids)} positions"))  # fmt: skip
-        ours_greedy = greedy(ours, ids, GREEDY_TOKENS)
-        hf_greedy = hf.generate(x, max_new_tokens=GREEDY_TOKENS, do_sample=False, min_new_tokens=GREEDY_TOKENS)
-        hf_greedy = hf_greedy[0, len(ids) :].tolist()
-        same = ours_greedy == hf_greedy and greedy(from_folder, ids, GREEDY_TOKENS) == hf_greedy
+        stops = tuple(tok.stop_ids)
+        ours_greedy = greedy(ours, ids, GREEDY_TOKENS, stops)
+        hf_greedy = hf.generate(x, max_new_tokens=GREEDY_TOKENS, do_sample=False, eos_token_id=list(stops),
+                                attention_mask=torch.ones_like(x))[0, len(ids) :].tolist()  # fmt: skip
+        same = ours_greedy == hf_greedy and greedy(from_folder, ids, GREEDY_TOKENS, stops) == hf_greedy
         rows.append(
             (
                 f"{GREEDY_TOKENS} greedy tokens vs HF generate (GGUF and HF folder)",

@@ -228,6 +228,7 @@ class Tokenizer:
     # --------------------------------------------------------------------------------------------- chat
 
     chat_template = CHAT_TEMPLATE
+    add_bos = False  # lmforge's pretraining separates documents with <|eos|> and starts none with <|bos|>
 
     def render_chat(
         self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False

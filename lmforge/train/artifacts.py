@@ -64,7 +64,7 @@ def evaluate_text(model_path: str | Path, text_file: str | Path, *, ctx: int | N
     """Perplexity of a model on a text file, tokenized by the model's own tokenizer (BOS first where the tokenizer
     adds one), cut into back-to-back windows of `ctx` tokens (default: the model's context), each scored on its
     own: exp of the mean next-token NLL over every predicted token. The same windows fed to HF give the same
-    figure (tests/train/test_eval_text.py)."""
+    figure (tests/train/test_resolve.py)."""
     import math
 
     from lmforge.config import UserError

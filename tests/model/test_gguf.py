@@ -82,10 +82,13 @@ def file_values(w: np.ndarray, qtype) -> np.ndarray:
     return gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype)
 
 
-def write_gguf(path, case: str, qtype=Q.F32, *, arch=None, edit=None, drop=(), add=None, chat_template=None):
-    """The HF model of `case` as a GGUF file. 2-D weights in qtype, 1-D ones F32 (llama.cpp keeps norms and
-    biases F32). edit(writer) changes keys after the standard ones; drop / add remove or add tensors."""
-    hf = hf_model(case)
+def write_gguf(path, case: str, qtype=Q.F32, *, arch=None, edit=None, drop=(), add=None, chat_template=None,
+               hf=None, tokenizer=None):
+    """The HF model of `case` (or `hf`, a model of that case's architecture) as a GGUF file. 2-D weights in qtype,
+    1-D ones F32 (llama.cpp keeps norms and biases F32). edit(writer) changes keys after the standard ones; drop /
+    add remove or add tensors. `tokenizer` (a byte-level BPE `tokenizers.Tokenizer`, its specials control tokens,
+    bos/eos its first two) replaces the placeholder vocabulary, as the converter writes a real one."""
+    hf = hf if hf is not None else hf_model(case)
     c = hf.config
     arch = arch or ARCH[case]
     w = gguf.GGUFWriter(path, arch)
@@ -108,11 +111,24 @@ def write_gguf(path, case: str, qtype=Q.F32, *, arch=None, edit=None, drop=(), a
     if getattr(c, "sliding_window", None) and case == "mistral":
         w.add_sliding_window(c.sliding_window)
     w.add_tokenizer_model("gpt2")
-    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, c.vocab_size)])
-    w.add_token_merges(["t 1"])
-    w.add_token_types([3, 3, 3] + [1] * (c.vocab_size - 3))
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    if tokenizer is None:
+        w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, c.vocab_size)])
+        w.add_token_merges(["t 1"])
+        w.add_token_types([3, 3, 3] + [1] * (c.vocab_size - 3))
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+    else:
+        import json
+
+        spec = json.loads(tokenizer.to_str())
+        vocab = sorted(tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+        specials = [t["id"] for t in spec["added_tokens"] if t["special"]]
+        w.add_tokenizer_pre("gpt2")
+        w.add_token_list([t for t, _ in vocab])
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+        w.add_token_types([3 if i in specials else 1 for _, i in vocab])
+        w.add_bos_token_id(specials[0])
+        w.add_eos_token_id(specials[1])
     if chat_template is not None:
         w.add_chat_template(chat_template)
     if edit is not None:
