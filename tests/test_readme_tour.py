@@ -48,7 +48,11 @@ def appended(argv: list[str], corpus: Path) -> tuple[list[str], str | None]:
         case ["sample", *_]:
             return ["--max-new-tokens", "5"], None
         case ["eval", *_]:
+            if "--text" in argv:
+                return ["--ctx", "16"], None
             return (["--n", "4", "--batch", "4"] if "--tasks" in argv else ["--batches", "1"]), None
+        case ["chat", *_]:  # a person's lines, then the end of input
+            return ["--max-new-tokens", "5"], "What is 1 + 1?\n/reset\nAnd 2 + 2?\n"
         case ["export", *_] | ["model-info", *_]:
             return [], None
         case ["generate", *_]:
@@ -65,6 +69,7 @@ def appended(argv: list[str], corpus: Path) -> tuple[list[str], str | None]:
 @pytest.fixture
 def tour_folder(tmp_path, monkeypatch):
     (tmp_path / "configs").symlink_to(REPO / "configs")
+    (tmp_path / "README.md").symlink_to(REPO / "README.md")
     corpus = tmp_path / "corpus"
     for pkg in ("alpha", "beta", "gamma", "delta", "eps"):
         (corpus / pkg).mkdir(parents=True)

@@ -39,7 +39,8 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-@command("sample", help="continue a prompt with a trained run's model, streaming", arguments=_sample_args)
+@command("sample", help="continue a prompt with a model (run, checkpoint, HF folder, .gguf), streaming",
+         arguments=_sample_args)  # fmt: skip
 def sample(args: argparse.Namespace) -> None:
     from lmforge.infer.commands import sampling_params_from_args
     from lmforge.train.artifacts import sample as sample_run
@@ -73,7 +74,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-@command("eval", help="val loss and bits per byte of a run's model, or exact match on tasks (--tasks)",
+@command("eval", help="val loss and bits per byte, perplexity on a text (--text), or exact match on tasks (--tasks)",
          arguments=_eval_args)  # fmt: skip
 def evaluate(args: argparse.Namespace) -> None:
     if args.tasks is not None:
@@ -170,7 +171,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-@command("export", help="export a run's model (Hugging Face folder: safetensors, config, tokenizer)",
+@command("export", help="export a model as a Hugging Face folder (safetensors, config, tokenizer, chat template)",
          arguments=_export_args)  # fmt: skip
 def export(args: argparse.Namespace) -> None:
     from lmforge.train.artifacts import export as export_run

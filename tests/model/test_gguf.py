@@ -82,8 +82,19 @@ def file_values(w: np.ndarray, qtype) -> np.ndarray:
     return gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype)
 
 
-def write_gguf(path, case: str, qtype=Q.F32, *, arch=None, edit=None, drop=(), add=None, chat_template=None,
-               hf=None, tokenizer=None):
+def write_gguf(
+    path,
+    case: str,
+    qtype=Q.F32,
+    *,
+    arch=None,
+    edit=None,
+    drop=(),
+    add=None,
+    chat_template=None,
+    hf=None,
+    tokenizer=None,
+):
     """The HF model of `case` (or `hf`, a model of that case's architecture) as a GGUF file. 2-D weights in qtype,
     1-D ones F32 (llama.cpp keeps norms and biases F32). edit(writer) changes keys after the standard ones; drop /
     add remove or add tensors. `tokenizer` (a byte-level BPE `tokenizers.Tokenizer`, its specials control tokens,

@@ -79,8 +79,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
     data = root / "data"
     data.mkdir()
     (data / "text.txt").write_text(TEXT[:400])
-    chats = [{"messages": [{"role": "user", "content": f"What is {i} + 1?"}, {"role": "assistant", "content": str(i + 1)}]}
-             for i in range(40)]  # fmt: skip
+    chats = [{"messages": [{"role": "user", "content": f"What is {i} + 1?"},
+                           {"role": "assistant", "content": str(i + 1)}]} for i in range(40)]  # fmt: skip
     (data / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
     pairs = [{"prompt": f"What is {i} + 1?", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(40)]
     (data / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
@@ -142,8 +142,9 @@ COMMANDS = {
     "sft": stage("sft", "data={d}/chats.jsonl", "n_val=4", "packing=false", "name=sft"),
     "reward train": stage("reward train", "data={d}/pairs.jsonl", "name=rm"),
     "dpo": stage("dpo", "data={d}/pairs.jsonl", "name=dpo"),
-    "grpo": stage("grpo", "task=add:digits=1", "n=2", "prompts_per_step=2", "max_new_tokens=2", "eval_n=2",
-                  "name=grpo"),  # fmt: skip
+    "grpo": stage(
+        "grpo", "task=add:digits=1", "n=2", "prompts_per_step=2", "max_new_tokens=2", "eval_n=2", "name=grpo"
+    ),  # fmt: skip
 }
 
 
