@@ -2,10 +2,11 @@
 with the same logits (fp32: ≤1e-4 relative; tests/model/test_hf_parity.py checks it).
 Export is `lmforge.model.hf_export`.
 
-    from lmforge.model.hf import from_hf, load_hf_tokenizer
+    from lmforge.model.hf import from_hf
     model = from_hf("path/to/hf_folder")           # config.json + model.safetensors (or a sharded index)
     model = from_hf(hf_model, dtype=torch.bfloat16)  # or a transformers PreTrainedModel already in memory
-    tok, chat_template = load_hf_tokenizer("path/to/hf_folder")      # tokenizers.Tokenizer, str | None
+
+The folder's tokenizer and chat template are `lmforge.tokenizer.ImportedTokenizer.from_folder`'s.
 
 A folder import reads config.json as a plain dict and the weights with safetensors (never pickles), so it
 needs no transformers install; export does. Anything in a checkpoint that lmforge cannot reproduce
@@ -336,24 +337,3 @@ def from_hf(model_or_folder, dtype: torch.dtype | None = None) -> Transformer:
     if cfg.tie_embeddings:
         sd["lm_head.weight"] = sd["tok_emb.weight"]
     return attach(empty_transformer(cfg), sd)
-
-
-def load_hf_tokenizer(folder) -> tuple[Any, str | None]:
-    """(tokenizers.Tokenizer from tokenizer.json, chat template or None). The template comes from
-    chat_template.jinja if present (it wins in transformers too), else tokenizer_config.json's
-    `chat_template`."""
-    from tokenizers import Tokenizer
-
-    folder = Path(folder)
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: only fast (tokenizer.json) Hugging Face tokenizers load")
-    template = None
-    jinja, tok_config = folder / "chat_template.jinja", folder / "tokenizer_config.json"
-    if jinja.is_file():
-        template = jinja.read_text()
-    elif tok_config.is_file():
-        template = json.loads(tok_config.read_text()).get("chat_template")
-        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    return Tokenizer.from_file(str(path)), template

@@ -85,8 +85,8 @@ class ImportedTokenizer:
             if token is not None and hf.token_to_id(token) is None:
                 raise UserError(f"{name}: its {role} {token!r} is not in the vocabulary")
         if eos_token is None:
-            raise UserError(f"{name}: no eos_token is named, so generation could not stop; set it in "
-                            "tokenizer_config.json")  # fmt: skip
+            raise UserError(f"{name}: no eos_token is named (tokenizer_config.json, generation_config.json), so "
+                            "generation could not stop; set eos_token in tokenizer_config.json")  # fmt: skip
         self.stop_tokens = tuple(dict.fromkeys([eos_token, *(t for t in stop_tokens if hf.token_to_id(t) is not None)]))
         self.chat_template = chat_template
         self._chat = None
@@ -117,11 +117,12 @@ class ImportedTokenizer:
         eos_ids = eos_ids if isinstance(eos_ids, list) else [eos_ids] if isinstance(eos_ids, int) else []
         stops = [hf.id_to_token(i) for i in eos_ids if isinstance(i, int) and hf.id_to_token(i) is not None]
         stops += [t for t in config.get(STOP_KEY, []) if isinstance(t, str)]
+        eos = _token_string(config.get("eos_token")) or (stops[0] if stops else None)
         add_bos = config.get("add_bos_token")
         bos = _token_string(config.get("bos_token"))
         if add_bos is None:  # the post-processor's template says whether HF adds BOS (Llama 3 does, Qwen does not)
             add_bos = bos is not None and f'"{bos}"' in json.dumps(json.loads(hf.to_str()).get("post_processor"))
-        return cls(hf, bos_token=bos, eos_token=_token_string(config.get("eos_token")),
+        return cls(hf, bos_token=bos, eos_token=eos,
                    pad_token=_token_string(config.get("pad_token")), stop_tokens=stops, chat_template=template,
                    add_bos=bool(add_bos), name=str(folder))  # fmt: skip
 

@@ -15,8 +15,9 @@ from test_hf_parity import TOL, greedy, make_gpt2, make_llama, make_mistral, par
 
 from lmforge.config import UserError
 from lmforge.model import ModelConfig, Transformer
-from lmforge.model.hf import HF_DEFAULTS, config_from_hf, from_hf, load_hf_tokenizer
+from lmforge.model.hf import HF_DEFAULTS, config_from_hf, from_hf
 from lmforge.model.hf_export import save_hf, to_hf
+from lmforge.tokenizer import ImportedTokenizer
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -205,28 +206,35 @@ def tiny_tokenizer():
 
 
 @pytest.mark.parametrize("where", ["tokenizer_config", "jinja", "none"])
-def test_load_hf_tokenizer(where, tmp_path):
+def test_hf_folder_tokenizer_and_template(where, tmp_path):
     tiny_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    config = {"eos_token": "<|endoftext|>"}
     if where == "tokenizer_config":
-        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
-    elif where == "jinja":
-        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "overridden"}))
+        config["chat_template"] = TEMPLATE
+    elif where == "jinja":  # chat_template.jinja wins, as in transformers
+        config["chat_template"] = "overridden"
         (tmp_path / "chat_template.jinja").write_text(TEMPLATE)
-    tok, template = load_hf_tokenizer(tmp_path)
-    ids = tok.encode(TEXT).ids
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = ImportedTokenizer.from_folder(tmp_path)
+    ids = tok.encode(TEXT)
     assert tok.decode(ids) == TEXT and len(ids) < len(TEXT.encode())
-    assert template == (None if where == "none" else TEMPLATE)
+    assert tok.chat_template == (None if where == "none" else TEMPLATE)
 
 
-def test_load_hf_tokenizer_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
-        load_hf_tokenizer(tmp_path)
+def test_hf_folder_eos_from_the_generation_config(tmp_path):
+    tiny_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0]}))
+    assert ImportedTokenizer.from_folder(tmp_path).stop_ids == (0,)
+    (tmp_path / "generation_config.json").unlink()
+    with pytest.raises(UserError, match="no eos_token"):
+        ImportedTokenizer.from_folder(tmp_path)
 
 
 def test_save_hf_with_tokenizer(tmp_path):
     folder = save_hf(from_hf(make_gpt2()), tmp_path / "out", tokenizer=tiny_tokenizer(), chat_template=TEMPLATE)
-    tok, template = load_hf_tokenizer(folder)
-    assert tok.decode(tok.encode(TEXT).ids) == TEXT and template == TEMPLATE
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 0}))
+    tok = ImportedTokenizer.from_folder(folder)
+    assert tok.decode(tok.encode(TEXT)) == TEXT and tok.chat_template == TEMPLATE
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
     assert hf_tok.decode(hf_tok(TEXT)["input_ids"]) == TEXT and hf_tok.chat_template == TEMPLATE
 
