@@ -18,9 +18,8 @@ Anything else is refused in one line rather than tokenized differently from the 
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from lmforge.config import UserError
 from lmforge.runs import atomic_write_text
 
+from .base import HFBacked
 from .chat import ChatTemplate
 from .own import IncrementalDecoder, _bytes_to_unicode
 
@@ -67,17 +67,14 @@ def _token_string(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-class ImportedTokenizer:
+class ImportedTokenizer(HFBacked):
     """A model's own tokenizer. Build with `from_folder` or `from_gguf`; `save` writes it into a run folder."""
 
     def __init__(self, hf: HFTokenizer, *, bos_token: str | None, eos_token: str | None, pad_token: str | None = None,
                  stop_tokens: Sequence[str] = (), chat_template: str | None = None, add_bos: bool = False,
                  name: str = "tokenizer"):  # fmt: skip
-        hf.no_truncation()
-        hf.no_padding()
-        self.hf, self.name, self.add_bos = hf, name, add_bos
-        self._plain = HFTokenizer.from_str(hf.to_str())
-        self._plain.encode_special_tokens = True
+        super().__init__(hf)
+        self.name, self.add_bos = name, add_bos
         added = hf.get_added_tokens_decoder()
         self.special_ids = {t.content: i for i, t in added.items() if t.special}
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
@@ -160,10 +157,6 @@ class ImportedTokenizer:
     # ----------------------------------------------------------------------------------------- encoding
 
     @property
-    def vocab_size(self) -> int:
-        return self.hf.get_vocab_size(with_added_tokens=True)
-
-    @property
     def bos_id(self) -> int | None:
         return None if self.bos_token is None else self.hf.token_to_id(self.bos_token)
 
@@ -179,27 +172,6 @@ class ImportedTokenizer:
     def stop_ids(self) -> tuple[int, ...]:
         """Ids that end a reply: EOS, the generation config's eos ids, the end-of-turn token."""
         return tuple(self.hf.token_to_id(t) for t in self.stop_tokens)
-
-    def token_to_id(self, token: str) -> int | None:
-        return self.hf.token_to_id(token)
-
-    def id_to_token(self, id: int) -> str | None:
-        return self.hf.id_to_token(id)
-
-    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
-        """Token ids of `text`; nothing added. `allow_special`: read special-token strings in text as specials."""
-        return (self.hf if allow_special else self._plain).encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str], *, allow_special: bool = False) -> list[list[int]]:
-        hf = self.hf if allow_special else self._plain
-        return [e.ids for e in hf.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (size {self.vocab_size})")
-        return self.hf.decode(ids, skip_special_tokens=skip_special)
 
     @cached_property
     def byte_level(self) -> bool:
@@ -275,11 +247,6 @@ class ImportedTokenizer:
             config["chat_template"] = self.chat_template
         atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return folder / TOKENIZER_FILE
-
-    def fingerprint(self) -> str:
-        """sha256 of the id → token table, as `Tokenizer.fingerprint`."""
-        table = sorted((i, t) for t, i in self.hf.get_vocab(with_added_tokens=True).items())
-        return hashlib.sha256(json.dumps(table, ensure_ascii=False).encode()).hexdigest()
 
     def __repr__(self) -> str:
         return f"ImportedTokenizer({self.name!r}, vocab_size={self.vocab_size}, eos={self.eos_token!r})"

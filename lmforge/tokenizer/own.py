@@ -46,6 +46,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from lmforge.config import UserError
 from lmforge.runs import atomic_write_text
 
+from .base import HFBacked
+
 __all__ = [
     "ASSISTANT",
     "BOS",
@@ -91,14 +93,11 @@ CHAT_TEMPLATE = (
 Kind = Literal["bpe", "char"]
 
 
-class Tokenizer:
+class Tokenizer(HFBacked):
     """A byte-level BPE or char tokenizer with lmforge's special tokens. Build with train_* or load."""
 
     def __init__(self, hf: HFTokenizer):
-        # A file made elsewhere may ask to truncate or pad every encoding; encode must stay exact.
-        hf.no_truncation()
-        hf.no_padding()
-        self.hf = hf  # the one saved to tokenizer.json: special tokens in text are recognised (HF default)
+        super().__init__(hf)
         spec = json.loads(hf.to_str())
         self.kind: Kind = _kind_of(spec)
         self.split_digits = "Digits" in json.dumps(spec.get("pre_tokenizer"))
@@ -106,9 +105,6 @@ class Tokenizer:
         if missing:
             raise ValueError(f"tokenizer lacks the special tokens {missing}; train it with lmforge")
         self.special_ids = {t: hf.token_to_id(t) for t in SPECIAL_TOKENS}
-        # A twin that reads special-token strings as plain text; see the module docstring.
-        self._plain = HFTokenizer.from_str(hf.to_str())
-        self._plain.encode_special_tokens = True
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -158,10 +154,6 @@ class Tokenizer:
     # ----------------------------------------------------------------------------------------- encoding
 
     @property
-    def vocab_size(self) -> int:
-        return self.hf.get_vocab_size(with_added_tokens=True)
-
-    @property
     def bos_id(self) -> int:
         return self.special_ids[BOS]
 
@@ -177,31 +169,6 @@ class Tokenizer:
     def stop_ids(self) -> tuple[int, ...]:
         """Ids that end a reply: the end of a chat turn and the end of a document."""
         return self.special_ids[END], self.special_ids[EOS]
-
-    def token_to_id(self, token: str) -> int | None:
-        return self.hf.token_to_id(token)
-
-    def id_to_token(self, id: int) -> str | None:
-        return self.hf.id_to_token(id)
-
-    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
-        """Token ids of `text`; no bos/eos added. `allow_special`: read "<|eos|>" etc. in text as specials."""
-        hf = self.hf if allow_special else self._plain
-        return hf.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str], *, allow_special: bool = False) -> list[list[int]]:
-        """`encode` for many texts at once (in parallel threads inside `tokenizers`)."""
-        hf = self.hf if allow_special else self._plain
-        return [e.ids for e in hf.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
-        """The text of `ids`; special tokens are written out as "<|eos|>" etc. unless `skip_special`."""
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (size {self.vocab_size})")
-        # tokenizers skips special tokens by default; lmforge shows everything unless asked.
-        return self.hf.decode(ids, skip_special_tokens=skip_special)
 
     def token_bytes(self, id: int) -> bytes:
         """The UTF-8 bytes token `id` stands for (part of a character for byte tokens)."""
@@ -304,15 +271,6 @@ class Tokenizer:
                 f"{path}: not a tokenizer file ({reason}); make it again with `lmforge tokenizer train` or "
                 "`lmforge prepare`"
             ) from None
-
-    def fingerprint(self) -> str:
-        """sha256 of the id → token table (added tokens included). Two tokenizers with one fingerprint mean the
-        same token by every id, whatever their files look like (pretty-printed or not, other metadata): the test
-        of whether ids made by one can be read by a model of the other (a draft, a reward model, eval data)."""
-        import hashlib
-
-        table = sorted((i, t) for t, i in self.hf.get_vocab(with_added_tokens=True).items())
-        return hashlib.sha256(json.dumps(table, ensure_ascii=False).encode()).hexdigest()
 
     def __repr__(self) -> str:
         digits = ", split_digits" if self.split_digits else ""
