@@ -30,6 +30,7 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['con
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")  # fmt: skip
 TEXT = "".join(f"What is {i} + 1? {i + 1}\nReverse abc{i}: {str(i)[::-1]}cba\n" for i in range(40))
 KINDS = ("run", "checkpoint", "hf", "gguf")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def chatml_tokenizer():
@@ -56,7 +57,7 @@ def char_run(path: Path) -> Path:
     path.mkdir(parents=True)
     tok = Tokenizer.train_char([TEXT, "system user assistant hi"])
     tok.save(path)
-    cfg = PretrainConfig(model=ModelConfig(**MODEL | {"vocab_size": tok.vocab_size, "max_seq_len": 128}))
+    cfg = PretrainConfig(model=ModelConfig(**MODEL | {"vocab_size": tok.vocab_size, "max_seq_len": 512}))
     save_config(cfg, path / "config.yaml")
     for step in (1, 2):
         torch.manual_seed(step)
@@ -69,7 +70,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("kinds")
     run = char_run(root / "run")
     tok = chatml_tokenizer()
-    hf = make_llama(vocab_size=tok.get_vocab_size(), max_position_embeddings=128, bos_token_id=0, eos_token_id=1)
+    hf = make_llama(vocab_size=tok.get_vocab_size(), max_position_embeddings=512, bos_token_id=0, eos_token_id=1)
     folder = root / "hf"
     hf.save_pretrained(folder)  # config.json, model.safetensors, generation_config.json
     tok.save(str(folder / "tokenizer.json"))
@@ -142,6 +143,12 @@ COMMANDS = {
     "sft": stage("sft", "data={d}/chats.jsonl", "n_val=4", "packing=false", "name=sft"),
     "reward train": stage("reward train", "data={d}/pairs.jsonl", "name=rm"),
     "dpo": stage("dpo", "data={d}/pairs.jsonl", "name=dpo"),
+    "cai supervised": lambda m, d, out: [
+        "cai", "supervised", f"policy={m}", f"critic={m}", "prompts=task:reverse", "n_prompts=2", "max_new_tokens=3",
+        f"constitution={ROOT / 'configs' / 'cai' / 'constitution.yaml'}", f"out_dir={out}/cai", "sft.train.steps=1",
+        "sft.train.batch_size=2", "sft.train.progress=false", "sft.train.precision=fp32", "sft.n_val=0",
+        "sft.packing=false", "sft.name=cai-sft", f"sft.runs_dir={out}",
+    ],  # fmt: skip
     "grpo": stage(
         "grpo", "task=add:digits=1", "n=2", "prompts_per_step=2", "max_new_tokens=2", "eval_n=2", "name=grpo"
     ),  # fmt: skip
