@@ -144,10 +144,23 @@ COMMANDS = {
     "reward train": stage("reward train", "data={d}/pairs.jsonl", "name=rm"),
     "dpo": stage("dpo", "data={d}/pairs.jsonl", "name=dpo"),
     "cai supervised": lambda m, d, out: [
-        "cai", "supervised", f"policy={m}", f"critic={m}", "prompts=task:reverse", "n_prompts=2", "max_new_tokens=3",
-        f"constitution={ROOT / 'configs' / 'cai' / 'constitution.yaml'}", f"out_dir={out}/cai", "sft.train.steps=1",
-        "sft.train.batch_size=2", "sft.train.progress=false", "sft.train.precision=fp32", "sft.n_val=0",
-        "sft.packing=false", "sft.name=cai-sft", f"sft.runs_dir={out}",
+        "cai",
+        "supervised",
+        f"policy={m}",
+        f"critic={m}",
+        "prompts=task:reverse",
+        "n_prompts=2",
+        "max_new_tokens=3",
+        f"constitution={ROOT / 'configs' / 'cai' / 'constitution.yaml'}",
+        f"out_dir={out}/cai",
+        "sft.train.steps=1",
+        "sft.train.batch_size=2",
+        "sft.train.progress=false",
+        "sft.train.precision=fp32",
+        "sft.n_val=0",
+        "sft.packing=false",
+        "sft.name=cai-sft",
+        f"sft.runs_dir={out}",
     ],  # fmt: skip
     "grpo": stage(
         "grpo", "task=add:digits=1", "n=2", "prompts_per_step=2", "max_new_tokens=2", "eval_n=2", "name=grpo"
