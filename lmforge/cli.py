@@ -27,6 +27,7 @@ COMMAND_MODULES: list[str] = [
     "lmforge.infer.commands",
     "lmforge.scaling.commands",
     "lmforge.align.commands",
+    "lmforge.serve.commands",
     "lmforge.demo",
 ]
 

@@ -1,0 +1,64 @@
+"""`lmforge serve MODEL`: the OpenAI-compatible server (lmforge/serve/app.py) on 127.0.0.1 unless told otherwise.
+Heavy imports stay inside the function, so `lmforge --help` does not load torch or FastAPI."""
+
+from __future__ import annotations
+
+import argparse
+
+from lmforge.hardware import QUANT_SCHEMES
+from lmforge.registry import add_model_argument, command, model_from_args
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    add_model_argument(p, alias="--ckpt")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (default: none)")
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL's name)")
+    p.add_argument("--kv", choices=["paged", "int8"], default="paged", help="KV cache: paged fp, or paged int8")
+    p.add_argument("--quantize", choices=list(QUANT_SCHEMES), help="weights: int8, w8a8, int4 or bf16")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
+    p.add_argument("--max-waiting", type=int, default=128, help="requests queued beyond it get 429")
+    p.add_argument("--kv-memory", type=float, default=1.0, metavar="GIB", help="KV cache memory (GiB)")
+
+
+@command("serve", help="serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming)",
+         arguments=_serve_args)  # fmt: skip
+def serve(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from lmforge.config import UserError
+
+    for name, value, low in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
+                             ("--max-waiting", args.max_waiting, 1)):  # fmt: skip
+        if value < low:
+            raise UserError(f"{name} must be ≥ {low}, got {value}")
+    if args.kv_memory <= 0:
+        raise UserError(f"--kv-memory must be > 0 GiB, got {args.kv_memory}")
+    import uvicorn
+
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.engine_loop import EngineLoop
+    from lmforge.infer.fastpath import optimize_for_decode
+    from lmforge.infer.loading import load_for_inference
+
+    from .app import build_app
+
+    source = model_from_args(args)
+    model, tok = load_for_inference(source)
+    if args.quantize:
+        from lmforge.infer.quantize import quantize_model
+
+        quantize_model(model, args.quantize)
+    optimize_for_decode(model)
+    engine = Engine(model, tokenizer=tok, kv_dtype="int8" if args.kv == "int8" else None, max_batch=args.max_batch,
+                    kv_memory_gib=args.kv_memory, verbose=True)  # fmt: skip
+    name = args.served_model_name or Path(source).stem
+    loop = EngineLoop(engine, max_waiting=args.max_waiting)
+    app = build_app(loop, tok, model_name=name, api_key=args.api_key)
+    print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (Ctrl-C drains and stops)", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    finally:  # uvicorn has let in-flight responses finish; stop taking new ones, then stop the engine thread
+        loop.drain(timeout=30)
+        loop.close()
