@@ -339,7 +339,7 @@ class Engine:
         if self.vocab_size:
             logits = logits[:, : self.vocab_size]
         row_params = [s.request.params for s in seqs]
-        probs = processed_probs(logits, row_params, [s.paged.tokens for s in seqs])
+        probs = processed_probs(logits, row_params, [s.paged.tokens for s in seqs], [s.output for s in seqs])
         now = time.perf_counter()
         outputs = []
         k = max((p.logprobs or 0) for p in row_params)

@@ -49,7 +49,8 @@ def generate_stream(
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         cache = ContiguousKVCache(cfg, 1, total, dtype=dtype, device=device)
     model.eval()
-    history = list(prompt) if params.repetition_penalty != 1.0 else None
+    history = list(prompt) if params.penalised else None
+    output: list[int] = []  # the generated tokens: presence and frequency penalties count these only
     stops = () if params.ignore_eos else params.stop_ids
     hidden = model.hidden_states(torch.tensor([prompt], device=device), cache=cache)
     logits = model.lm_head(hidden[0, -1:])  # the head over the last prompt token only
@@ -58,13 +59,15 @@ def generate_stream(
         if plain_greedy:
             token = int(logits[0, :vocab_size].argmax())
         else:
-            probs = processed_probs(logits[:, :vocab_size], [params], [history] if history is not None else None)
+            histories = [history] if history is not None else None
+            probs = processed_probs(logits[:, :vocab_size], [params], histories, [output])
             token = draw(probs[0], params, index)
         yield token
         if token in stops:
             return
         if history is not None:
             history.append(token)
+            output.append(token)
         if index + 1 < params.max_new_tokens:
             logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1:]
 

@@ -41,6 +41,9 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus (Holtzman et al. 2020); 1 = off
     min_p: float = 0.0  # keep tokens with p ≥ min_p · p_max (Nguyen et al. 2024); 0 = off
     repetition_penalty: float = 1.0  # CTRL (Keskar et al. 2019): logits of seen tokens ÷ (or ×) this; 1 = off
+    # OpenAI's, on the tokens generated so far only: logit[j] -= count[j] · frequency + (count[j] > 0) · presence
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None  # None: a random seed is drawn once per request (still reproducible inside it)
     stop_ids: tuple[int, ...] = ()  # the stop token is returned, then the request ends
     stop: tuple[str, ...] = ()  # stop strings: text ends before the first match, even across tokens
@@ -55,7 +58,7 @@ class SamplingParams:
         self.stop_ids, self.stop = tuple(self.stop_ids), tuple(self.stop)
         if self.seed is None:
             self.seed = random.randrange(2**31)
-        plp = self.prompt_logprobs
+        plp, pp, fp = self.prompt_logprobs, self.presence_penalty, self.frequency_penalty
         problems = [  # (bad, field, what it must be): the CLI names the option, the API the field
             (self.max_new_tokens < 1, "max_new_tokens", f"must be ≥ 1, got {self.max_new_tokens}"),
             (self.temperature < 0, "temperature", f"must be ≥ 0 (0 = greedy), got {self.temperature}"),
@@ -63,6 +66,8 @@ class SamplingParams:
             (not 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}"),
             (not 0 <= self.min_p < 1, "min_p", f"must be in [0, 1), got {self.min_p}"),
             (self.repetition_penalty <= 0, "repetition_penalty", f"must be > 0, got {self.repetition_penalty}"),
+            (not -2 <= self.presence_penalty <= 2, "presence_penalty", f"must be in [-2, 2], got {pp}"),
+            (not -2 <= self.frequency_penalty <= 2, "frequency_penalty", f"must be in [-2, 2], got {fp}"),
             (self.n < 1, "n", f"must be ≥ 1, got {self.n}"),
             (self.logprobs is not None and self.logprobs < 0, "logprobs", f"must be ≥ 0, got {self.logprobs}"),
             (plp is not None and plp < 0, "prompt_logprobs", f"must be ≥ 0, got {plp}"),
@@ -75,6 +80,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
+
+    @property
+    def penalised(self) -> bool:
+        """Whether the logits depend on the tokens seen so far (a history must be passed to sample)."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, histories: list, penalties: list[float]) -> torch.Tensor:
@@ -91,12 +101,29 @@ def apply_repetition_penalty(logits: torch.Tensor, histories: list, penalties: l
     return logits
 
 
-def processed_logits(logits: torch.Tensor, params: list[SamplingParams], histories: list | None = None):
-    """Logits [B, V] after every row's repetition penalty, temperature, top-k, top-p and min-p; filtered
+def apply_presence_frequency(logits: torch.Tensor, outputs: list, params: list[SamplingParams]) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties, as its API reference defines them: each token j generated c[j]
+    times so far loses c[j] · frequency_penalty + (c[j] > 0) · presence_penalty from its logit."""
+    logits = logits.clone()
+    for row, (out, p) in enumerate(zip(outputs, params, strict=True)):
+        if not (p.presence_penalty or p.frequency_penalty) or not len(out):
+            continue
+        ids, counts = torch.as_tensor(list(out), dtype=torch.long).unique(return_counts=True)
+        ids = ids.to(logits.device)
+        logits[row, ids] -= counts.to(logits) * p.frequency_penalty + p.presence_penalty
+    return logits
+
+
+def processed_logits(logits: torch.Tensor, params: list[SamplingParams], histories: list | None = None,
+                     outputs: list | None = None):  # fmt: skip
+    """Logits [B, V] after every row's repetition penalty (over `histories`: prompt and output), presence and
+    frequency penalties (over `outputs`: the generated tokens), temperature, top-k, top-p and min-p; filtered
     tokens are -inf. Greedy rows keep temperature 1 (their argmax is unchanged by the filters)."""
     logits = logits.float()
     if histories is not None and any(p.repetition_penalty != 1.0 for p in params):
         logits = apply_repetition_penalty(logits, histories, [p.repetition_penalty for p in params])
+    if outputs is not None and any(p.presence_penalty or p.frequency_penalty for p in params):
+        logits = apply_presence_frequency(logits, outputs, params)
     B, V = logits.shape
     dev = logits.device
     temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)
@@ -117,11 +144,12 @@ def processed_logits(logits: torch.Tensor, params: list[SamplingParams], histori
     return logits
 
 
-def processed_probs(logits: torch.Tensor, params: list[SamplingParams], histories: list | None = None):
+def processed_probs(logits: torch.Tensor, params: list[SamplingParams], histories: list | None = None,
+                    outputs: list | None = None):  # fmt: skip
     """The distribution each row samples from, [B, V]: one-hot at the argmax for greedy rows."""
-    if all(p.greedy and p.repetition_penalty == 1.0 for p in params):  # nothing to process: the raw argmax
+    if all(p.greedy and not p.penalised for p in params):  # nothing to process: the raw argmax
         return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = processed_logits(logits, params, histories)
+    logits = processed_logits(logits, params, histories, outputs)
     probs = logits.softmax(-1)
     greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     if bool(greedy.any()):

@@ -305,5 +305,8 @@ def speculative_generate(
     max_new_tokens (never exceeded). gamma: drafts per step; adaptive: γ moves by ±1 within [1, gamma_max]
     (default 2·gamma). vocab_size: the tokenizer's vocabulary, cutting off embedding padding of either model."""
     params = params if params is not None else SamplingParams()
+    if params.presence_penalty or params.frequency_penalty:
+        raise UserError("presence and frequency penalties are not supported with speculative decoding: drop them, "
+                        "or --draft/--lookup")  # fmt: skip
     return SpeculativeStream(target, prompt, params, draft=draft, gamma=gamma, lookup_ngram=lookup_ngram,
                              adaptive=adaptive, gamma_max=gamma_max, vocab_size=vocab_size)  # fmt: skip

@@ -72,15 +72,13 @@ def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | No
                            param="model", code="model_not_found")  # fmt: skip
 
     def params_of(req: Sampling, max_tokens: int | None, prompt_len: int, field: str, **extra) -> SamplingParams:
-        if req.presence_penalty or req.frequency_penalty:
-            param = "presence_penalty" if req.presence_penalty else "frequency_penalty"
-            raise APIError(400, f"{param} is not supported yet: leave it at 0", param=param)
         if max_tokens is not None and max_tokens < 1:
             raise APIError(400, f"{field} must be ≥ 1, got {max_tokens}", param=field)
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         try:
             return SamplingParams(max_new_tokens=max_tokens or max(limit - prompt_len, 1), temperature=req.temperature,
                                   top_p=req.top_p, top_k=max(req.top_k, 0), min_p=req.min_p, n=req.n, seed=req.seed,
+                                  presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                                   stop=stop, stop_ids=tuple(tokenizer.stop_ids), **extra)  # fmt: skip
         except SamplingError as e:
             name = {"max_new_tokens": field, "prompt_logprobs": "logprobs"}.get(e.field, e.field)

@@ -212,3 +212,35 @@ def test_a_client_that_leaves_mid_stream_frees_its_blocks(server):
     while (s := loop.stats()).blocks_free != s.blocks_total or s.running or s.waiting:
         assert time.time() < deadline, s
         time.sleep(0.02)
+
+
+def penalised_greedy(model, prompt, n, presence, frequency, stops):
+    """OpenAI's definition by brute force: full forward each step, logit[j] -= c[j]·frequency + (c[j] > 0)·presence
+    over the tokens generated so far, argmax."""
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([prompt + out]))[0, -1].float()
+            for j in set(out):
+                logits[j] -= out.count(j) * frequency + presence
+            out.append(int(logits.argmax()))
+            if out[-1] in stops:
+                break
+    return out
+
+
+def test_presence_and_frequency_penalties_as_openai_defines_them(server, model, tok):
+    url, _ = server
+    prompt = tok.encode("hello")
+    expected = penalised_greedy(model, prompt, 16, 0.5, 1.5, tok.stop_ids)
+    plain = penalised_greedy(model, prompt, 16, 0.0, 0.0, tok.stop_ids)
+    assert expected != plain, "the penalties must change this greedy continuation"
+    r = client(url).completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, logprobs=0,
+                                       presence_penalty=0.5, frequency_penalty=1.5)  # fmt: skip
+    assert r.choices[0].logprobs.tokens == [tok.decode([t]) for t in expected]  # token by token (bytes: no text)
+    params = SamplingParams(max_new_tokens=16, temperature=0, presence_penalty=0.5, frequency_penalty=1.5,
+                            stop_ids=tok.stop_ids)  # fmt: skip
+    assert list(generate_stream(model, prompt, params)) == expected  # the batch-1 path too
+    with pytest.raises(openai.BadRequestError) as e:
+        client(url).completions.create(model="tiny", prompt="hi", max_tokens=2, presence_penalty=3)
+    assert e.value.body["param"] == "presence_penalty"
