@@ -22,13 +22,14 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from lmforge.config import UserError
 from lmforge.infer.context import ContextLengthError, context_limit
 from lmforge.infer.engine_loop import EngineLoop, QueueFull, RequestHandle, ShuttingDown
 from lmforge.infer.sampling import SamplingError, SamplingParams
 
+from .metrics import Metrics
 from .protocol import APIError, ChatRequest, CompletionRequest, DetokenizeRequest, Sampling, TokenizeRequest
 
 log = logging.getLogger("lmforge.serve")
@@ -38,7 +39,8 @@ FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "sto
 def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None)
     limit = context_limit(loop.engine.cfg) or loop.engine.pool.capacity_tokens
-    app.state.loop, app.state.tokenizer, app.state.model_name = loop, tokenizer, model_name
+    metrics = Metrics()
+    app.state.loop, app.state.tokenizer, app.state.model_name, app.state.metrics = loop, tokenizer, model_name, metrics
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -100,6 +102,10 @@ def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | No
     async def health():
         return {"status": "ok"}
 
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(loop), media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/models")
     async def models():
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "lmforge", "max_model_len": limit}
@@ -115,10 +121,18 @@ def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | No
             extra["logprobs"] = req.logprobs
             if req.echo:
                 extra["prompt_logprobs"] = req.logprobs
-        handles = [submit(p, params_of(req, req.max_tokens, len(p), "max_tokens", **extra), "prompt") for p in prompts]
+        handles: list[RequestHandle] = []
+        try:
+            for p in prompts:
+                handles.append(submit(p, params_of(req, req.max_tokens, len(p), "max_tokens", **extra), "prompt"))
+        except APIError:  # one prompt refused: the others of the request must not run on for nobody
+            for h in handles:
+                h.cancel()
+            raise
         rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
         if req.stream:
             return _stream(
+                metrics,
                 handles,
                 req,
                 lambda i, h, out: _completion_chunk(rid, created, model_name, i, out, req, tokenizer, h),
@@ -129,6 +143,7 @@ def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | No
         finally:
             for h in handles:
                 h.cancel()
+                metrics.observe(h)
         choices = []
         for p, h in enumerate(done):
             for i in range(h.params.n):
@@ -159,6 +174,7 @@ def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | No
         rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         if req.stream:
             return _stream(
+                metrics,
                 [handle],
                 req,
                 lambda i, h, out: _chat_chunk(rid, created, model_name, out, req, tokenizer),
@@ -169,6 +185,7 @@ def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | No
             await handle.aresult()
         finally:
             handle.cancel()
+            metrics.observe(handle)
         choices = []
         for i in range(handle.params.n):
             logprobs = (
@@ -298,7 +315,7 @@ def _chat_chunk(rid, created, model, out, req, tokenizer) -> dict | None:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
 
 
-def _stream(handles: list[RequestHandle], req, chunk_of, kind: str, first=None) -> StreamingResponse:
+def _stream(metrics, handles: list[RequestHandle], req, chunk_of, kind: str, first=None) -> StreamingResponse:
     """Server-sent events as the openai client parses them: (the role chunk,) one chunk per text delta, the
     finish_reason chunk, the usage chunk when stream_options.include_usage, then `data: [DONE]`."""
 
@@ -338,6 +355,7 @@ def _stream(handles: list[RequestHandle], req, chunk_of, kind: str, first=None) 
         finally:  # the client went away (or we are done): free every request's KV blocks now
             for h in handles:
                 h.cancel()
+                metrics.observe(h)
             for t in tasks:
                 t.cancel()
 
