@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API on one `EngineLoop`: `/v1/models`, `/v1/completions`, `/v1/chat/completions`
-(streamed as the openai client parses it), vLLM's `/tokenize` and `/detokenize`, and `/health`.
+(streamed as the openai client parses it), vLLM's `/tokenize` and `/detokenize`, `/health`, `/metrics`
+(Prometheus, `metrics.py`) and a chat page at `/` (`pages/chat.html`).
 
     app = build_app(EngineLoop(Engine(model, tokenizer=tok)), tok, model_name="smollm2", api_key=None)
     uvicorn.run(app, host="127.0.0.1", port=8000)          # what `lmforge serve MODEL` does
@@ -19,10 +20,11 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
+from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from lmforge.config import UserError
 from lmforge.infer.context import ContextLengthError, context_limit
@@ -33,6 +35,7 @@ from .metrics import Metrics
 from .protocol import APIError, ChatRequest, CompletionRequest, DetokenizeRequest, Sampling, TokenizeRequest
 
 log = logging.getLogger("lmforge.serve")
+PAGES = resources.files("lmforge.serve") / "pages"  # plain HTML + JS, shipped in the package
 FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
 
 
@@ -97,6 +100,10 @@ def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | No
             raise APIError(503, str(e)) from None
         except UserError as e:
             raise APIError(400, str(e), param=field) from None
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page():
+        return HTMLResponse(PAGES.joinpath("chat.html").read_text(encoding="utf-8"))
 
     @app.get("/health")
     async def health():
