@@ -84,6 +84,7 @@ def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | No
             return SamplingParams(max_new_tokens=max_tokens or max(limit - prompt_len, 1), temperature=req.temperature,
                                   top_p=req.top_p, top_k=max(req.top_k, 0), min_p=req.min_p, n=req.n, seed=req.seed,
                                   presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                                  ignore_eos=req.ignore_eos,
                                   stop=stop, stop_ids=tuple(tokenizer.stop_ids), **extra)  # fmt: skip
         except SamplingError as e:
             name = {"max_new_tokens": field, "prompt_logprobs": "logprobs"}.get(e.field, e.field)

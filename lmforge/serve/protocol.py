@@ -34,6 +34,7 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's: generate exactly max_tokens (benchmarks)
 
 
 class CompletionRequest(Sampling):
