@@ -61,6 +61,7 @@ __all__ = [
     "peak_live_memory",
     "peak_rss_growth",
     "record",
+    "report_rows",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -372,6 +373,16 @@ def record(
 
 
 # ---------------------------------------------------------------------------------------------- command line
+
+
+def report_rows(rows: Sequence[tuple[str, str]], *, prefix: str, save: bool) -> None:
+    """Print (figure, value) rows aligned, and with `save` append each to docs/benchmarks.md as "prefix: figure"."""
+    width = max(len(f) for f, _ in rows)
+    for figure, value in rows:
+        print(f"{figure:<{width}}  {value}")
+    if save:
+        for figure, value in rows:
+            record(f"{prefix}: {figure}", value, command_line())
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, repeats: int = 20, warmup: int = 3) -> argparse.ArgumentParser:

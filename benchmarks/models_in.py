@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import command_line, environment, fmt_bytes, format_environment, peak_rss_growth, record
+from benchmarks.harness import environment, fmt_bytes, format_environment, peak_rss_growth, report_rows
 
 QUESTION = "What is the capital of France?"
 LONG_QUESTION = "Explain in two sentences what a Python list is."  # a reply longer than GREEDY_TOKENS
@@ -241,12 +241,7 @@ def main() -> int:
                      "does)" if mine != theirs else "identical"))  # fmt: skip
         del folder_tok
 
-    width = max(len(f) for f, _ in rows)
-    for figure, value in rows:
-        print(f"{figure:<{width}}  {value}")
-    if args.record:
-        for figure, value in rows:
-            record(f"SmolLM2-135M-Instruct Q4_1 GGUF: {figure}", value, command_line())
+    report_rows(rows, prefix="SmolLM2-135M-Instruct Q4_1 GGUF", save=args.record)
     return 0
 
 

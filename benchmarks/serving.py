@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import command_line, environment, format_environment, record
+from benchmarks.harness import environment, format_environment, report_rows
 from benchmarks.models_in import default_gguf
 
 CONCURRENT, TOKENS = 16, 64
@@ -140,11 +140,7 @@ def main() -> int:
          f"TTFT {pct(ttfts, 50) * 1e3:.0f}/{pct(ttfts, 95) * 1e3:.0f}/{pct(ttfts, 99) * 1e3:.0f} ms, ITL "
          f"{pct(itls, 50) * 1e3:.0f}/{pct(itls, 95) * 1e3:.0f}/{pct(itls, 99) * 1e3:.0f} ms"),
     ]  # fmt: skip
-    for figure, value in rows:
-        print(f"{figure}: {value}")
-    if args.record:
-        for figure, value in rows:
-            record(f"{name}: {figure}", value, command_line())
+    report_rows(rows, prefix=name, save=args.record)
     return 0
 
 
