@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API on one `EngineLoop`: `/v1/models`, `/v1/completions`, `/v1/chat/completions`
 (streamed as the openai client parses it), vLLM's `/tokenize` and `/detokenize`, `/health`, `/metrics`
-(Prometheus, `metrics.py`) and a chat page at `/` (`pages/chat.html`).
+(Prometheus, `metrics.py`), a chat page at `/` (`pages/chat.html`) and, when asked, an A/B rating page at `/rate`
+(`rate.py`, `pages/rate.html`).
 
     app = build_app(EngineLoop(Engine(model, tokenizer=tok)), tok, model_name="smollm2", api_key=None)
     uvicorn.run(app, host="127.0.0.1", port=8000)          # what `lmforge serve MODEL` does
@@ -39,7 +40,8 @@ PAGES = resources.files("lmforge.serve") / "pages"  # plain HTML + JS, shipped i
 FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
 
 
-def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | None = None) -> FastAPI:
+def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | None = None, rate=None) -> FastAPI:
+    """The server's app; `rate` (a `rate.RateSession`) turns on the A/B rating page at /rate."""
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None)
     limit = context_limit(loop.engine.cfg) or loop.engine.pool.capacity_tokens
     metrics = Metrics()
@@ -105,6 +107,32 @@ def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | No
     @app.get("/", response_class=HTMLResponse)
     async def chat_page():
         return HTMLResponse(PAGES.joinpath("chat.html").read_text(encoding="utf-8"))
+
+    def rating():
+        if rate is None:
+            raise APIError(404, "the rating page is off: start the server with --rate-prompts SPEC")
+        return rate
+
+    @app.get("/rate", response_class=HTMLResponse)
+    async def rate_page():
+        rating()
+        return HTMLResponse(PAGES.joinpath("rate.html").read_text(encoding="utf-8"))
+
+    @app.get("/rate/next")
+    async def rate_next():
+        return await rating().next_pair()
+
+    @app.post("/rate/vote")
+    async def rate_vote(request: Request):
+        body = await request.json()
+        side, index = body.get("side"), body.get("prompt_index")
+        if side not in ("left", "right", "tie", "both_bad", "skip") or not isinstance(index, int):
+            raise APIError(400, "give prompt_index and side: left, right, tie, both_bad or skip", param="side")
+        return await rating().vote(index, side)
+
+    @app.post("/rate/undo")
+    async def rate_undo():
+        return await rating().undo()
 
     @app.get("/health")
     async def health():

@@ -20,6 +20,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
     p.add_argument("--max-waiting", type=int, default=128, help="requests queued beyond it get 429")
     p.add_argument("--kv-memory", type=float, default=1.0, metavar="GIB", help="KV cache memory (GiB)")
+    g = p.add_argument_group("the A/B rating page at /rate (the records `lmforge prefs collect` writes)")
+    g.add_argument("--rate-prompts", metavar="SPEC", help="task:SPEC or a JSONL of prompts: turns /rate on")
+    g.add_argument("--rate-out", default="prefs/rate.jsonl", help="preference records (appended; resumes)")
+    g.add_argument("--rate-n", type=int, default=50, help="prompts to rate")
+    g.add_argument("--rate-temperatures", default="0.7,1.0", metavar="A,B", help="the two samples' temperatures")
 
 
 @command("serve", help="serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming)",
@@ -35,6 +40,12 @@ def serve(args: argparse.Namespace) -> None:
             raise UserError(f"{name} must be ≥ {low}, got {value}")
     if args.kv_memory <= 0:
         raise UserError(f"--kv-memory must be > 0 GiB, got {args.kv_memory}")
+    try:
+        temperatures = [float(t) for t in args.rate_temperatures.split(",")]
+    except ValueError:
+        temperatures = []
+    if len(temperatures) != 2 or min(temperatures) < 0:
+        raise UserError(f"--rate-temperatures must be two numbers ≥ 0 like 0.7,1.0, got {args.rate_temperatures}")
     import uvicorn
 
     from lmforge.infer.engine import Engine
@@ -55,8 +66,17 @@ def serve(args: argparse.Namespace) -> None:
                     kv_memory_gib=args.kv_memory, verbose=True)  # fmt: skip
     name = args.served_model_name or Path(source).stem
     loop = EngineLoop(engine, max_waiting=args.max_waiting)
-    app = build_app(loop, tok, model_name=name, api_key=args.api_key)
+    rate = None
+    if args.rate_prompts:
+        from .rate import RateConfig, RateSession
+
+        ta, tb = temperatures
+        rate = RateSession(loop, tok, RateConfig(args.rate_prompts, Path(args.rate_out), args.rate_n, ta, tb,
+                                                 policy=source))  # fmt: skip
+    app = build_app(loop, tok, model_name=name, api_key=args.api_key, rate=rate)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (Ctrl-C drains and stops)", flush=True)
+    if rate is not None:
+        print(f"rating page: http://{args.host}:{args.port}/rate → {args.rate_out}", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
     finally:  # uvicorn has let in-flight responses finish; stop taking new ones, then stop the engine thread

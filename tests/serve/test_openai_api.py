@@ -45,12 +45,18 @@ def model(tok):
 
 
 @contextlib.contextmanager
-def serving(model, tok, *, api_key=None, max_waiting=64, max_batch=8):
+def serving(model, tok, *, api_key=None, max_waiting=64, max_batch=8, rate=None):
+    """A server on a free 127.0.0.1 port in a thread; `rate` (a RateConfig) turns the rating page on."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     loop = EngineLoop(Engine(model, tokenizer=tok, num_blocks=64, max_batch=max_batch), max_waiting=max_waiting)
-    app = build_app(loop, tok, model_name="tiny", api_key=api_key)
+    session = None
+    if rate is not None:
+        from lmforge.serve.rate import RateSession
+
+        session = RateSession(loop, tok, rate)
+    app = build_app(loop, tok, model_name="tiny", api_key=api_key, rate=session)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -56,3 +56,37 @@ def test_chat_page_streams_a_reply_and_stops_one(model, tok, page, tmp_path):  #
         while (s := loop.stats()).running or s.waiting or s.blocks_free != s.blocks_total:
             assert time.time() < deadline, s  # the stopped reply's request was cancelled, its blocks freed
             time.sleep(0.05)
+
+
+def test_rate_page_votes_by_keyboard_undo_and_reward_train_reads_the_file(model, tok, page, tmp_path):  # noqa: F811
+    import json
+
+    from lmforge.align.pairs import load_pairs
+    from lmforge.serve.rate import RateConfig
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?"}) + "\n" for i in range(5)))
+    out = tmp_path / "prefs.jsonl"
+    with serving(model, tok, rate=RateConfig(str(prompts), out, n_prompts=5, max_new_tokens=8)) as (url, _):
+        page.goto(url + "/rate")
+
+        def shown(rated: int) -> None:
+            page.wait_for_function(f"document.getElementById('progress').textContent === '{rated} of 5 rated' && "
+                                   "document.getElementById('prompt').textContent.startsWith('What is')")  # fmt: skip
+
+        shown(0)
+        assert page.inner_text("#prompt") == "What is 0 + 1?"
+        for rated, key in enumerate("121", start=1):  # A better, B better, A better
+            page.keyboard.press(key)
+            shown(rated)
+        page.keyboard.press("u")  # the third vote is taken back, and its pair shown again
+        shown(2)
+        assert page.inner_text("#prompt") == "What is 2 + 1?"
+        shots = os.environ.get("LMFORGE_SCREENSHOTS")
+        page.screenshot(path=str(Path(shots or tmp_path) / "rate-page.png"))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt_index"] for r in records] == [0, 1] and all(r["label"] in ("a", "b") for r in records)
+    sides = [r["rater_detail"]["side"] for r in records]
+    assert sides == ["left", "right"]
+    assert [r["label"] == r["shown_left"] for r in records] == [True, False]  # a screen side maps to its sample
+    assert len(load_pairs(out)) == 2  # what `lmforge reward train data=FILE` reads
