@@ -173,6 +173,9 @@ def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | No
                 req,
                 lambda i, h, out: _completion_chunk(rid, created, model_name, i, out, req, tokenizer, h),
                 "text_completion",
+                first=(lambda h, i: _echo_chunk(rid, created, model_name, i, tokenizer.decode(h.prompt)))
+                if req.echo
+                else None,
             )
         try:
             done = [await h.aresult() for h in handles]
@@ -215,7 +218,7 @@ def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | No
                 req,
                 lambda i, h, out: _chat_chunk(rid, created, model_name, out, req, tokenizer),
                 "chat.completion.chunk",
-                first=lambda i: _chat_first(rid, created, model_name, i),
+                first=lambda h, i: _chat_first(rid, created, model_name, i),
             )
         try:
             await handle.aresult()
@@ -336,6 +339,11 @@ def _completion_chunk(rid, created, model, base, out, req, tokenizer, handle) ->
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
 
 
+def _echo_chunk(rid, created, model, index, text) -> dict:
+    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": None}
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+
+
 def _chat_first(rid, created, model, index) -> dict:
     delta = {"role": "assistant", "content": ""}
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -367,10 +375,10 @@ def _stream(metrics, handles: list[RequestHandle], req, chunk_of, kind: str, fir
 
         tasks = [asyncio.create_task(pump(i * h.params.n, h)) for i, h in enumerate(handles)]
         try:
-            if first is not None:
-                for h in handles:
+            if first is not None:  # the chat role chunk, or a completion's echoed prompt, per choice
+                for k, h in enumerate(handles):
                     for i in range(h.params.n):
-                        yield _event(first(i))
+                        yield _event(first(h, k * h.params.n + i))
             open_ = len(tasks)
             while open_:
                 base, handle, out = await queue.get()

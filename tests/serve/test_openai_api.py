@@ -130,6 +130,9 @@ def test_echo_logprobs_equal_a_full_forward(server, model, tok):
     expected = [float(full[i - 1, prompt[i]]) for i in range(1, len(prompt))]
     assert lp.token_logprobs[1 : len(prompt)] == pytest.approx(expected, abs=1e-4)
     assert r.choices[0].text.startswith("the quick brown") and len(lp.top_logprobs[1]) >= 1
+    streamed = client(url).completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                              stream=True)  # fmt: skip
+    assert "".join(c.choices[0].text for c in streamed if c.choices).startswith("the quick brown")
 
 
 def test_n_seeds_and_stop_strings(server):
