@@ -114,12 +114,12 @@ def _check_same_tokenizer(run: str, data: str) -> None:
     from pathlib import Path
 
     from lmforge.config import ConfigError
-    from lmforge.tokenizer import Tokenizer
+    from lmforge.tokenizer import load_tokenizer
 
     ours, theirs = Path(run) / "tokenizer.json", Path(data) / "tokenizer.json"
     if not (ours.is_file() and theirs.is_file()):
         return  # a missing file is the loaders' error to report, with their message
-    if Tokenizer.load(ours).fingerprint() != Tokenizer.load(theirs).fingerprint():
+    if load_tokenizer(ours).fingerprint() != load_tokenizer(theirs).fingerprint():  # an imported model's too
         raise ConfigError(
             f"--data {data} was tokenized with another tokenizer than {run}; prepare it with the run's "
             f"(lmforge prepare --tokenizer {ours}) or drop --data to use the run's own val split"

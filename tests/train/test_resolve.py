@@ -223,3 +223,10 @@ def test_what_is_not_a_model_is_one_line(models, tmp_path, capsys):
     (other / "config.json").write_text(json.dumps(config))
     assert main(["generate", str(other), "--max-new-tokens", "1"]) == 2
     assert "gemma2" in one_line_error(capsys)
+
+
+def test_eval_data_of_another_tokenizer_is_named_for_an_imported_model(models, tmp_path, capsys):
+    """The tokenizer check of `eval --data` reads an imported model's tokenizer as such, not as a broken file."""
+    Tokenizer.train_char(["abc"]).save(tmp_path)  # data prepared with lmforge's own tokenizer
+    assert main(["eval", str(models["hf"]), "--data", str(tmp_path)]) == 2
+    assert "was tokenized with another tokenizer" in one_line_error(capsys)
