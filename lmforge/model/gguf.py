@@ -9,11 +9,12 @@ relative; tests/model/test_gguf.py checks it against transformers).
     meta = gguf_metadata("model.gguf")         # every key/value: tokenizer.ggml.*, tokenizer.chat_template, ...
     cfg = gguf_model_config(meta, tensor_names)  # the ModelConfig alone (tensor names: is there an output.weight?)
 
-The file is parsed by the `gguf` package (llama.cpp's own reader of a typed binary format): nothing is unpickled
-and transformers is never imported. Quantized tensors (Q8_0, Q4_1, K-quants, ...) are dequantized once, at load:
-the model then holds plain `dtype` weights with the values the file encodes. Anything lmforge cannot reproduce
-exactly (another architecture, scaled or partial RoPE, Llama 3's per-frequency RoPE factors, experts, tensors the
-metadata does not explain) is refused with a one-line UserError rather than imported with different math.
+The container is parsed by `gguf_file.py` (a typed binary format, bounds-checked; nothing is unpickled), and the
+`gguf` package, llama.cpp's own, dequantizes its tensors (Q8_0, Q4_1, K-quants, ...) once, at load; transformers
+is never imported. The model then holds plain `dtype` weights with the values the file encodes. Anything lmforge
+cannot reproduce exactly (another architecture, scaled or partial RoPE, Llama 3's per-frequency RoPE factors,
+experts, tensors the metadata does not explain) is refused with a one-line UserError
+rather than imported with different math.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ the queue is full, 503 while draining; 500 only for a bug.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import secrets
@@ -171,7 +172,7 @@ def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | No
                 metrics,
                 handles,
                 req,
-                lambda i, h, out: _completion_chunk(rid, created, model_name, i, out, req, tokenizer, h),
+                lambda i, h, out: _completion_chunk(rid, created, model_name, i, out, tokenizer),
                 "text_completion",
                 first=(lambda h, i: _echo_chunk(rid, created, model_name, i, tokenizer.decode(h.prompt)))
                 if req.echo
@@ -295,45 +296,35 @@ def _usage(handles: list[RequestHandle]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _token_text(tokenizer, token: int) -> str:
-    return tokenizer.decode([token])
-
-
 def _completion_logprobs(h: RequestHandle, i: int, tokenizer, echo: bool) -> dict:
     entries = []
     if echo:
         entries += [(t, h.prompt_logprobs[j] if h.prompt_logprobs else None) for j, t in enumerate(h.prompt)]
     entries += [(lp.token, lp) for lp in h.logprobs[i]]
-    tokens, offsets, at = [], [], 0
-    for t, _ in entries:
-        tokens.append(_token_text(tokenizer, t))
-        offsets.append(at)
-        at += len(tokens[-1])
+    return _logprob_table(tokenizer, entries)
+
+
+def _logprob_table(tokenizer, entries: list) -> dict:
+    """OpenAI's completions `logprobs` object of (token id, TokenLogprobs or None for the first prompt token)."""
+    tokens = [tokenizer.decode([t]) for t, _ in entries]
+    offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=0)) if tokens else []
     return {"tokens": tokens, "token_logprobs": [lp.logprob if lp else None for _, lp in entries],
-            "top_logprobs": [({_token_text(tokenizer, a): b for a, b in lp.top} if lp else None) for _, lp in entries],
+            "top_logprobs": [({tokenizer.decode([a]): b for a, b in lp.top} if lp else None) for _, lp in entries],
             "text_offset": offsets}  # fmt: skip
 
 
 def _chat_logprob(lp, tokenizer) -> dict:
-    text = _token_text(tokenizer, lp.token)
-    return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode()),
-            "top_logprobs": [{"token": _token_text(tokenizer, a), "logprob": b, "bytes": list(_token_text(tokenizer, a)
-                                                                                              .encode())}
-                             for a, b in lp.top]}  # fmt: skip
+    def entry(token: int, logprob: float) -> dict:
+        text = tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return entry(lp.token, lp.logprob) | {"top_logprobs": [entry(a, b) for a, b in lp.top]}
 
 
-def _completion_chunk(rid, created, model, base, out, req, tokenizer, handle) -> dict | None:
+def _completion_chunk(rid, created, model, base, out, tokenizer) -> dict | None:
     if not out.text and out.finish_reason is None:
         return None
-    logprobs = None
-    if out.logprobs is not None:
-        text = _token_text(tokenizer, out.logprobs.token)
-        logprobs = {
-            "tokens": [text],
-            "token_logprobs": [out.logprobs.logprob],
-            "top_logprobs": [{_token_text(tokenizer, a): b for a, b in out.logprobs.top}],
-            "text_offset": [0],
-        }
+    logprobs = _logprob_table(tokenizer, [(out.logprobs.token, out.logprobs)]) if out.logprobs is not None else None
     choice = {"index": base + out.index, "text": out.text, "logprobs": logprobs,
               "finish_reason": FINISH.get(out.finish_reason) if out.finish_reason else None}  # fmt: skip
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}

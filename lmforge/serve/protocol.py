@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 # strict: "16" is not a number here (OpenAI refuses it too); an int is still a valid float
 _REQUEST = ConfigDict(extra="ignore", strict=True)
@@ -40,7 +40,7 @@ class Sampling(BaseModel):
 class CompletionRequest(Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
-    logprobs: int | None = Field(default=None)
+    logprobs: int | None = None
     echo: bool = False
 
 
