@@ -46,6 +46,7 @@ def serve(args: argparse.Namespace) -> None:
         temperatures = []
     if len(temperatures) != 2 or min(temperatures) < 0:
         raise UserError(f"--rate-temperatures must be two numbers ≥ 0 like 0.7,1.0, got {args.rate_temperatures}")
+    _check_port_free(args.host, args.port)  # before the model loads: a second copy on a taken port is one line
     import uvicorn
 
     from lmforge.infer.engine import Engine
@@ -82,3 +83,16 @@ def serve(args: argparse.Namespace) -> None:
     finally:  # uvicorn has let in-flight responses finish; stop taking new ones, then stop the engine thread
         loop.drain(timeout=30)
         loop.close()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    from lmforge.config import UserError
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a socket in TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror}): give another --port (or --host)") from None

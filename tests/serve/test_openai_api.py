@@ -253,3 +253,15 @@ def test_presence_and_frequency_penalties_as_openai_defines_them(server, model, 
     with pytest.raises(openai.BadRequestError) as e:
         client(url).completions.create(model="tiny", prompt="hi", max_tokens=2, presence_penalty=3)
     assert e.value.body["param"] == "presence_penalty"
+
+
+def test_a_taken_port_is_one_line_before_the_model_loads(capsys):
+    from lmforge.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "no/such/model", "--port", str(port)]) == 2  # the port is checked first
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmforge: error: cannot listen on 127.0.0.1:") and "\n" not in err
