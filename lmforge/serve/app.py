@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API on one `EngineLoop`: `/v1/models`, `/v1/completions`, `/v1/chat/completions`
-(streamed as the openai client parses it), vLLM's `/tokenize` and `/detokenize`, `/health`, `/metrics`
+(streamed as the openai client parses it), vLLM's `/tokenize`, `/detokenize` and `/tokenizer_info`, `/health`, `/metrics`
 (Prometheus, `metrics.py`), a chat page at `/` (`pages/chat.html`) and, when asked, an A/B rating page at `/rate`
 (`rate.py`, `pages/rate.html`).
 
@@ -244,10 +244,16 @@ def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | No
             raise APIError(400, "give prompt or messages", param="prompt")
         if req.prompt is not None:
             tokens = tokenizer.encode(req.prompt, allow_special=True)  # special-token strings are their single ids
+            if req.add_special_tokens and getattr(tokenizer, "add_bos", False) and tokenizer.bos_id is not None:
+                tokens = [tokenizer.bos_id, *tokens]  # as the model's HF tokenizer would (Llama 3 adds BOS)
         else:
             messages = [{"role": m.role, "content": _text_of(m.content)} for m in req.messages]
             tokens = tokenizer.render_chat(messages, add_generation_prompt=True)[0]
         return {"count": len(tokens), "max_model_len": limit, "tokens": tokens}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return _tokenizer_info(tokenizer, limit)
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
@@ -258,6 +264,20 @@ def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | No
             raise APIError(400, str(e), param="tokens") from None
 
     return app
+
+
+def _tokenizer_info(tokenizer, limit: int) -> dict:
+    """vLLM's /tokenizer_info: the tokenizer_config fields a remote client rebuilds the tokenizer's behaviour from
+    (lm-evaluation-harness's `tokenizer_backend=remote` reads the special tokens and the chat template here)."""
+
+    def name(token_id: int | None) -> str | None:
+        return None if token_id is None else tokenizer.id_to_token(token_id)
+
+    return {"tokenizer_class": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size,
+            "model_max_length": limit, "bos_token": name(tokenizer.bos_id), "eos_token": name(tokenizer.eos_id),
+            "pad_token": name(tokenizer.pad_id), "add_bos_token": bool(getattr(tokenizer, "add_bos", False)),
+            "chat_template": getattr(tokenizer, "chat_template", None),
+            "stop_tokens": [tokenizer.id_to_token(i) for i in tokenizer.stop_ids]}  # fmt: skip
 
 
 def _text_of(content) -> str:
@@ -315,8 +335,8 @@ def _logprob_table(tokenizer, entries: list) -> dict:
 
 def _chat_logprob(lp, tokenizer) -> dict:
     def entry(token: int, logprob: float) -> dict:
-        text = tokenizer.decode([token])
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        # a token may hold part of a character: its own bytes, not those of its lossy text
+        return {"token": tokenizer.decode([token]), "logprob": logprob, "bytes": list(tokenizer.token_bytes(token))}
 
     return entry(lp.token, lp.logprob) | {"top_logprobs": [entry(a, b) for a, b in lp.top]}
 

@@ -55,6 +55,7 @@ def serve(args: argparse.Namespace) -> None:
     from lmforge.infer.loading import load_for_inference
 
     from .app import build_app
+    from .server import DrainingServer
 
     source = model_from_args(args)
     model, tok = load_for_inference(source)
@@ -78,10 +79,10 @@ def serve(args: argparse.Namespace) -> None:
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (Ctrl-C drains and stops)", flush=True)
     if rate is not None:
         print(f"rating page: http://{args.host}:{args.port}/rate → {args.rate_out}", flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
-    finally:  # uvicorn has let in-flight responses finish; stop taking new ones, then stop the engine thread
-        loop.drain(timeout=30)
+        DrainingServer(config, loop).run()
+    finally:  # drained (or a second Ctrl-C): whatever still runs is cancelled, the engine thread stops
         loop.close()
 
 

@@ -9,6 +9,8 @@ strings, tokenize/detokenize, and every error status raised as the client's matc
 from __future__ import annotations
 
 import contextlib
+import json
+import signal
 import socket
 import threading
 import time
@@ -26,6 +28,7 @@ from lmforge.infer.generate import generate_stream  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.model import ModelConfig, Transformer  # noqa: E402
 from lmforge.serve.app import build_app  # noqa: E402
+from lmforge.serve.server import DrainingServer  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
 
 TEXT = "What is 2 + 3? It is 5. hello there, the quick brown fox. system user assistant"
@@ -45,8 +48,9 @@ def model(tok):
 
 
 @contextlib.contextmanager
-def serving(model, tok, *, api_key=None, max_waiting=64, max_batch=8, rate=None):
-    """A server on a free 127.0.0.1 port in a thread; `rate` (a RateConfig) turns the rating page on."""
+def serving(model, tok, *, api_key=None, max_waiting=64, max_batch=8, rate=None, holder=None):
+    """A server on a free 127.0.0.1 port in a thread; `rate` (a RateConfig) turns the rating page on; `holder`
+    (a list) receives the server, which is the `lmforge serve` command's DrainingServer."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -57,7 +61,9 @@ def serving(model, tok, *, api_key=None, max_waiting=64, max_batch=8, rate=None)
 
         session = RateSession(loop, tok, rate)
     app = build_app(loop, tok, model_name="tiny", api_key=api_key, rate=session)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"), loop)
+    if holder is not None:
+        holder.append(server)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
@@ -209,6 +215,40 @@ def test_a_full_queue_is_429_and_draining_is_503(model, tok):
         with pytest.raises(openai.InternalServerError) as e:
             client(url).completions.create(model="tiny", prompt="hi", max_tokens=2)
         assert e.value.status_code == 503
+
+
+def test_ctrl_c_drains_the_stream_in_flight_and_answers_new_requests_503(model, tok):
+    holder = []
+    with serving(model, tok, holder=holder) as (url, loop):
+        step = loop.engine.step
+        loop.engine.step = lambda: (time.sleep(0.02), step())[1]  # 40 tokens take ~1 s
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 40, "temperature": 1.0, "stream": True,
+                "stop": "never-there", "ignore_eos": True}  # fmt: skip
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            events = [next(lines)]
+            holder[0].handle_exit(signal.SIGINT, None)  # what Ctrl-C calls on the main thread
+            refused = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
+                                 timeout=10)
+            assert refused.status_code == 503 and refused.json()["error"]["type"] == "service_unavailable"
+            events += [line for line in lines if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        choices = [json.loads(e[6:])["choices"] for e in events[:-1]]
+        assert choices[-1][0]["finish_reason"] == "length"  # the stream ran to its 40 tokens
+        deadline = time.time() + 10
+        while not holder[0].should_exit:  # drained: the server stops by itself
+            assert time.time() < deadline
+            time.sleep(0.02)
+
+
+def test_tokenizer_info_is_what_lm_eval_reads(server, tok):
+    url, _ = server
+    info = httpx.get(f"{url}/tokenizer_info").json()
+    assert info["eos_token"] == tok.id_to_token(tok.eos_id) and info["bos_token"] == tok.id_to_token(tok.bos_id)
+    assert info["chat_template"] == tok.chat_template and info["model_max_length"] == 128
+    # lm-eval's RemoteTokenizer finds each special id by tokenizing its string
+    for name, token_id in (("eos_token", tok.eos_id), ("bos_token", tok.bos_id)):
+        assert httpx.post(f"{url}/tokenize", json={"prompt": info[name]}).json()["tokens"] == [token_id]
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_blocks(server):
