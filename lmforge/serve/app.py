@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API on one `EngineLoop`: `/v1/models`, `/v1/completions`, `/v1/chat/completions`
-(streamed as the openai client parses it), vLLM's `/tokenize`, `/detokenize` and `/tokenizer_info`, `/health`, `/metrics`
-(Prometheus, `metrics.py`), a chat page at `/` (`pages/chat.html`) and, when asked, an A/B rating page at `/rate`
-(`rate.py`, `pages/rate.html`).
+(streamed as the openai client parses it), vLLM's `/tokenize`, `/detokenize` and `/tokenizer_info`, `/health`,
+`/metrics` (Prometheus, `metrics.py`), a chat page at `/` (`pages/chat.html`) and, when asked, an A/B rating page
+at `/rate` (`rate.py`, `pages/rate.html`).
 
     app = build_app(EngineLoop(Engine(model, tokenizer=tok)), tok, model_name="smollm2", api_key=None)
     uvicorn.run(app, host="127.0.0.1", port=8000)          # what `lmforge serve MODEL` does

@@ -228,8 +228,9 @@ def test_ctrl_c_drains_the_stream_in_flight_and_answers_new_requests_503(model, 
             lines = r.iter_lines()
             events = [next(lines)]
             holder[0].handle_exit(signal.SIGINT, None)  # what Ctrl-C calls on the main thread
-            refused = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
-                                 timeout=10)
+            refused = httpx.post(
+                f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=10
+            )
             assert refused.status_code == 503 and refused.json()["error"]["type"] == "service_unavailable"
             events += [line for line in lines if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]"
