@@ -19,12 +19,12 @@ import torch
 pytest.importorskip("lm_eval")
 pytest.importorskip("uvicorn")
 
+from test_openai_api import serving  # noqa: E402
+
 from lmforge.infer.generate import generate_stream  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.model import ModelConfig, Transformer  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
-
-from test_openai_api import serving  # noqa: E402
 
 COLOURS = ["red", "blue", "green", "gold"]
 N_ITEMS, N_LEARNT = 50, 25
@@ -78,7 +78,8 @@ def write_tasks(folder, data) -> None:
     (folder / "keys_gen.yaml").write_text(
         f"task: lmforge_keys_gen\n{common}output_type: generate_until\ndoc_to_target: '{{{{answer}}}}'\n"
         "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 8\n  do_sample: false\n"
-        "filter_list:\n  - name: strip\n    filter:\n      - function: remove_whitespace\n      - function: take_first\n"
+        "filter_list:\n  - name: strip\n    filter:\n      - function: remove_whitespace\n"
+        "      - function: take_first\n"
         "metric_list:\n  - metric: exact_match\n"
     )
 
