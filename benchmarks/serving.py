@@ -164,8 +164,9 @@ def wait_healthy(url: str, proc: subprocess.Popen, what: str, timeout: float = 1
 
 def start_llama_server(bin_dir: Path, gguf: Path, work_dir: Path) -> tuple[subprocess.Popen, str]:
     """llama-server on the F32 twin of `gguf`, 16 slots, each with room for the longest request."""
-    f32 = work_dir / f"{gguf.stem}.F32.gguf"
+    f32 = work_dir / f"{gguf.stem}.F32.gguf"  # beside the build, never beside the user's file
     if not f32.is_file():
+        work_dir.mkdir(parents=True, exist_ok=True)
         subprocess.run([str(bin_dir / "llama-quantize"), "--allow-requantize", str(gguf), str(f32), "F32"],
                        check=True, capture_output=True)  # fmt: skip
     port = free_port()
@@ -216,7 +217,7 @@ def main() -> int:
         wait_healthy(url, server, "lmforge serve")
         runners = {"in-process": lambda w: in_process(loop, w), "HTTP": lambda w: asyncio.run(over_http(url, name, w))}
         if no_llama is None:
-            llama, llama_url = start_llama_server(bin_dir, Path(source), Path(source).parent)
+            llama, llama_url = start_llama_server(bin_dir, Path(source), llama_cpp.CACHE / "models")
             runners["llama-server"] = lambda w: asyncio.run(over_http(llama_url, name, w))
         print(format_environment(environment()))
         print(f"model {source}; burst {CONCURRENT}×{TOKENS} ({args.repeats} interleaved repeats), Poisson "

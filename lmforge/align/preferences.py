@@ -312,16 +312,18 @@ def _rewrite(path: Path, records: Sequence[PairRecord]) -> None:
     atomic_write_text(path, "".join(r.to_json() + "\n" for r in records))
 
 
-def pop_last_record(path: str | Path) -> PairRecord | None:
-    """Remove the file's last record (rewriting it atomically) and return it; None when there is none."""
+def pop_last_record(path: str | Path, rater: str | None = None) -> PairRecord | None:
+    """Remove the file's last record — the last of `rater`'s, when given — (rewriting the file atomically) and
+    return it; None when there is none."""
     path = Path(path)
     if not path.is_file():
         return None
     records, _ = _read(path)
-    if not records:
+    last = next((i for i in reversed(range(len(records))) if rater is None or records[i].rater == rater), None)
+    if last is None:
         return None
-    _rewrite(path, records[:-1])
-    return records[-1]
+    _rewrite(path, records[:last] + records[last + 1 :])
+    return records[last]
 
 
 def to_training_pairs(records: Iterable[PairRecord | dict]) -> list[dict]:

@@ -119,9 +119,19 @@ def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | No
         rating()
         return HTMLResponse(PAGES.joinpath("rate.html").read_text(encoding="utf-8"))
 
+    def rater_of(name) -> str:
+        from .rate import rater_id
+
+        try:
+            if name is not None and not isinstance(name, str):
+                raise ValueError("rater must be a name")
+            return rater_id(name)
+        except ValueError as e:
+            raise APIError(400, str(e), param="rater") from None
+
     @app.get("/rate/next")
-    async def rate_next():
-        return await rating().next_pair()
+    async def rate_next(rater: str | None = None):
+        return await rating().next_pair(rater_of(rater))
 
     @app.post("/rate/vote")
     async def rate_vote(request: Request):
@@ -129,11 +139,12 @@ def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | No
         side, index = body.get("side"), body.get("prompt_index")
         if side not in ("left", "right", "tie", "both_bad", "skip") or not isinstance(index, int):
             raise APIError(400, "give prompt_index and side: left, right, tie, both_bad or skip", param="side")
-        return await rating().vote(index, side)
+        return await rating().vote(rater_of(body.get("rater")), index, side)
 
     @app.post("/rate/undo")
-    async def rate_undo():
-        return await rating().undo()
+    async def rate_undo(request: Request):
+        body = await request.json() if await request.body() else {}
+        return await rating().undo(rater_of(body.get("rater")))
 
     @app.get("/health")
     async def health():

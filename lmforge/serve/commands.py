@@ -24,7 +24,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rate-prompts", metavar="SPEC", help="task:SPEC or a JSONL of prompts: turns /rate on")
     g.add_argument("--rate-out", default="prefs/rate.jsonl", help="preference records (appended; resumes)")
     g.add_argument("--rate-n", type=int, default=50, help="prompts to rate")
-    g.add_argument("--rate-temperatures", default="0.7,1.0", metavar="A,B", help="the two samples' temperatures")
+    g.add_argument("--rate-against", metavar="MODEL", help="sample B from this model (A: the served one)")
+    g.add_argument(
+        "--rate-temperatures",
+        default=None,
+        metavar="A,B",
+        help="the two samples' temperatures (default 0.7,1.0; 0.7,0.7 with --rate-against)",
+    )
 
 
 @command("serve", help="serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming)",
@@ -40,6 +46,10 @@ def serve(args: argparse.Namespace) -> None:
             raise UserError(f"{name} must be ≥ {low}, got {value}")
     if args.kv_memory <= 0:
         raise UserError(f"--kv-memory must be > 0 GiB, got {args.kv_memory}")
+    if args.rate_temperatures is None:
+        args.rate_temperatures = "0.7,0.7" if args.rate_against else "0.7,1.0"
+    if args.rate_against and not args.rate_prompts:
+        raise UserError("--rate-against compares two models on the rating page: give --rate-prompts SPEC too")
     try:
         temperatures = [float(t) for t in args.rate_temperatures.split(",")]
     except ValueError:
@@ -53,6 +63,7 @@ def serve(args: argparse.Namespace) -> None:
     from lmforge.infer.engine_loop import EngineLoop
     from lmforge.infer.fastpath import optimize_for_decode
     from lmforge.infer.loading import load_for_inference
+    from lmforge.infer.quantize import quantize_model
 
     from .app import build_app
     from .server import DrainingServer
@@ -60,8 +71,6 @@ def serve(args: argparse.Namespace) -> None:
     source = model_from_args(args)
     model, tok = load_for_inference(source)
     if args.quantize:
-        from lmforge.infer.quantize import quantize_model
-
         quantize_model(model, args.quantize)
     optimize_for_decode(model)
     engine = Engine(model, tokenizer=tok, kv_dtype="int8" if args.kv == "int8" else None, max_batch=args.max_batch,
@@ -69,12 +78,22 @@ def serve(args: argparse.Namespace) -> None:
     name = args.served_model_name or Path(source).stem
     loop = EngineLoop(engine, max_waiting=args.max_waiting)
     rate = None
+    loops = [loop]
     if args.rate_prompts:
-        from .rate import RateConfig, RateSession
+        from .rate import Against, RateConfig, RateSession
 
+        against = None
+        if args.rate_against:  # a second engine on its own thread; it shares the cores, not the KV memory
+            other, other_tok = load_for_inference(args.rate_against)
+            if args.quantize:  # the same weights' format on both sides
+                quantize_model(other, args.quantize)
+            optimize_for_decode(other)
+            loops.append(EngineLoop(Engine(other, tokenizer=other_tok, max_batch=args.max_batch,
+                                           kv_memory_gib=args.kv_memory), max_waiting=args.max_waiting))  # fmt: skip
+            against = Against(loops[-1], other_tok)
         ta, tb = temperatures
         rate = RateSession(loop, tok, RateConfig(args.rate_prompts, Path(args.rate_out), args.rate_n, ta, tb,
-                                                 policy=source))  # fmt: skip
+                                                 policy=source, against=args.rate_against), against)  # fmt: skip
     app = build_app(loop, tok, model_name=name, api_key=args.api_key, rate=rate)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (Ctrl-C drains and stops)", flush=True)
     if rate is not None:
@@ -82,8 +101,9 @@ def serve(args: argparse.Namespace) -> None:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
     try:
         DrainingServer(config, loop).run()
-    finally:  # drained (or a second Ctrl-C): whatever still runs is cancelled, the engine thread stops
-        loop.close()
+    finally:  # drained (or a second Ctrl-C): whatever still runs is cancelled, the engine threads stop
+        for each in loops:
+            each.close()
 
 
 def _check_port_free(host: str, port: int) -> None:

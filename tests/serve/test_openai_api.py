@@ -48,9 +48,10 @@ def model(tok):
 
 
 @contextlib.contextmanager
-def serving(model, tok, *, api_key=None, max_waiting=64, max_batch=8, rate=None, holder=None):
+def serving(model, tok, *, api_key=None, max_waiting=64, max_batch=8, rate=None, holder=None, against=None):
     """A server on a free 127.0.0.1 port in a thread; `rate` (a RateConfig) turns the rating page on; `holder`
-    (a list) receives the server, which is the `lmforge serve` command's DrainingServer."""
+    (a list) receives the server, which is the `lmforge serve` command's DrainingServer; `against` (a model) is
+    the rating page's sample B."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -59,7 +60,12 @@ def serving(model, tok, *, api_key=None, max_waiting=64, max_batch=8, rate=None,
     if rate is not None:
         from lmforge.serve.rate import RateSession
 
-        session = RateSession(loop, tok, rate)
+        other = None
+        if against is not None:
+            from lmforge.serve.rate import Against
+
+            other = Against(EngineLoop(Engine(against, tokenizer=tok, num_blocks=64, max_batch=max_batch)), tok)
+        session = RateSession(loop, tok, rate, other)
     app = build_app(loop, tok, model_name="tiny", api_key=api_key, rate=session)
     server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"), loop)
     if holder is not None:
@@ -76,6 +82,8 @@ def serving(model, tok, *, api_key=None, max_waiting=64, max_batch=8, rate=None,
         server.should_exit = True
         thread.join(10)
         loop.close()
+        if session is not None and session.against is not None:
+            session.against.loop.close()
 
 
 @pytest.fixture(scope="module")

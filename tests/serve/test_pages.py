@@ -84,9 +84,14 @@ def test_rate_page_votes_by_keyboard_undo_and_reward_train_reads_the_file(model,
         assert page.inner_text("#prompt") == "What is 2 + 1?"
         shots = os.environ.get("LMFORGE_SCREENSHOTS")
         page.screenshot(path=str(Path(shots or tmp_path) / "rate-page.png"))
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+        page.goto(url + "/rate?rater=bob")  # a second rater: own progress, and agreement with the first
+        shown(0)
+        page.keyboard.press("1")  # the first rater also put prompt 0's left sample first
+        page.wait_for_function("document.getElementById('agreement').textContent.includes('1/1 same as rate-page')")
+        assert "rating as bob" in page.inner_text("#agreement")
+    records = [json.loads(line) for line in out.read_text().splitlines() if '"human:rate-page"' in line]
     assert [r["prompt_index"] for r in records] == [0, 1] and all(r["label"] in ("a", "b") for r in records)
     sides = [r["rater_detail"]["side"] for r in records]
     assert sides == ["left", "right"]
     assert [r["label"] == r["shown_left"] for r in records] == [True, False]  # a screen side maps to its sample
-    assert len(load_pairs(out)) == 2  # what `lmforge reward train data=FILE` reads
+    assert len(load_pairs(out)) == 3  # what `lmforge reward train data=FILE` reads: 2 votes, and bob's
