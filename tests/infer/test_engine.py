@@ -252,3 +252,14 @@ def test_errors_are_one_line_and_say_what_to_do():
 def test_capacity_line_counts_tokens_and_sequences():
     engine = Engine(tiny(), num_blocks=64, block_size=16)
     assert "1,024 tokens" in engine.capacity_line() and "4 concurrent sequences of 256" in engine.capacity_line()
+
+
+def test_ignore_eos_runs_to_max_tokens_through_stop_ids_as_generate_stream_does():
+    from lmforge.infer.generate import generate_stream
+
+    model, prompt = tiny(), prompts(1)[0]
+    first = greedy_recompute(model, prompt, 1)[0]  # made a stop id: greedy decoding stops at once
+    for ignore_eos, expected in ((False, 1), (True, 12)):
+        params = SamplingParams(temperature=0, max_new_tokens=12, stop_ids=(first,), ignore_eos=ignore_eos)
+        got = [out.token for out in Engine(model, num_blocks=32, block_size=8).stream(prompt, params)]
+        assert len(got) == expected and got == list(generate_stream(model, prompt, params))
