@@ -185,9 +185,10 @@ def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | No
                 req,
                 lambda i, h, out: _completion_chunk(rid, created, model_name, i, out, tokenizer),
                 "text_completion",
-                first=(lambda h, i: _echo_chunk(rid, created, model_name, i, tokenizer.decode(h.prompt)))
+                first=(lambda h, i: _echo_chunk(rid, created, model_name, i, h, tokenizer, req.logprobs is not None))
                 if req.echo
                 else None,
+                first_after_prefill=req.echo and req.logprobs is not None,  # the prompt's log-probs come with it
             )
         try:
             done = [await h.aresult() for h in handles]
@@ -361,8 +362,13 @@ def _completion_chunk(rid, created, model, base, out, tokenizer) -> dict | None:
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
 
 
-def _echo_chunk(rid, created, model, index, text) -> dict:
-    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": None}
+def _echo_chunk(rid, created, model, index, h: RequestHandle, tokenizer, logprobs: bool) -> dict:
+    """A streamed completion's echoed prompt; with `logprobs`, its per-token log-probs too (first entry null)."""
+    table = None
+    if logprobs:
+        table = _logprob_table(tokenizer, [(t, h.prompt_logprobs[j] if h.prompt_logprobs else None)
+                                           for j, t in enumerate(h.prompt)])  # fmt: skip
+    choice = {"index": index, "text": tokenizer.decode(h.prompt), "logprobs": table, "finish_reason": None}
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
 
 
@@ -381,9 +387,12 @@ def _chat_chunk(rid, created, model, out, req, tokenizer) -> dict | None:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
 
 
-def _stream(metrics, handles: list[RequestHandle], req, chunk_of, kind: str, first=None) -> StreamingResponse:
-    """Server-sent events as the openai client parses them: (the role chunk,) one chunk per text delta, the
-    finish_reason chunk, the usage chunk when stream_options.include_usage, then `data: [DONE]`."""
+def _stream(metrics, handles: list[RequestHandle], req, chunk_of, kind: str, first=None,
+            first_after_prefill: bool = False) -> StreamingResponse:  # fmt: skip
+    """Server-sent events as the openai client parses them: (the role chunk or the echoed prompt,) one chunk per
+    text delta, the finish_reason chunk, the usage chunk when stream_options.include_usage, then `data: [DONE]`.
+    `first_after_prefill`: a choice's first chunk waits for its first output (the prompt's log-probs are known
+    once the prompt is in)."""
 
     async def events() -> AsyncIterator[bytes]:
         queue: asyncio.Queue = asyncio.Queue()
@@ -397,16 +406,23 @@ def _stream(metrics, handles: list[RequestHandle], req, chunk_of, kind: str, fir
 
         tasks = [asyncio.create_task(pump(i * h.params.n, h)) for i, h in enumerate(handles)]
         try:
+            pending = set()  # (base, index) of the choices whose first chunk waits for their first output
             if first is not None:  # the chat role chunk, or a completion's echoed prompt, per choice
                 for k, h in enumerate(handles):
                     for i in range(h.params.n):
-                        yield _event(first(h, k * h.params.n + i))
+                        if first_after_prefill:
+                            pending.add((k * h.params.n, i))
+                        else:
+                            yield _event(first(h, k * h.params.n + i))
             open_ = len(tasks)
             while open_:
                 base, handle, out = await queue.get()
                 if out is None:
                     open_ -= 1
                     continue
+                if (base, out.index) in pending:
+                    pending.discard((base, out.index))
+                    yield _event(first(handle, base + out.index))
                 chunk = chunk_of(base, handle, out)
                 if chunk is not None:
                     yield _event(chunk)

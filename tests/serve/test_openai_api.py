@@ -147,6 +147,11 @@ def test_echo_logprobs_equal_a_full_forward(server, model, tok):
     streamed = client(url).completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0, echo=True,
                                               stream=True)  # fmt: skip
     assert "".join(c.choices[0].text for c in streamed if c.choices).startswith("the quick brown")
+    chunks = [c for c in client(url).completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0,
+                                                        echo=True, logprobs=1, stream=True) if c.choices]  # fmt: skip
+    echoed = chunks[0].choices[0].logprobs  # the streamed echo carries the prompt's log-probs, as the whole one does
+    assert chunks[0].choices[0].text == tok.decode(prompt) and echoed.token_logprobs[0] is None
+    assert echoed.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
 
 
 def test_n_seeds_and_stop_strings(server):
