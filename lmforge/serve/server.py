@@ -30,8 +30,9 @@ class DrainingServer(uvicorn.Server):
         self.draining.set()
         self._captured_signals.append(sig)  # uvicorn re-raises it after shutdown, as it does for its own stop
         stats = self.loop.stats()
-        print(f"draining: {stats.running + stats.waiting} requests in flight finish, new ones get 503 "
-              "(Ctrl-C again stops now)", file=sys.stderr, flush=True)  # fmt: skip
+        n = stats.running + stats.waiting
+        print(f"draining: {n} request{'' if n == 1 else 's'} in flight finish{'es' if n == 1 else ''}, new ones get "
+              "503 (Ctrl-C again stops now)", file=sys.stderr, flush=True)  # fmt: skip
         threading.Thread(target=self._drain_then_exit, name="lmforge-drain", daemon=True).start()
 
     def _drain_then_exit(self) -> None:
