@@ -238,6 +238,16 @@ class EngineLoop:
                              self._counts["finished"], self._counts["cancelled"], self._counts["failed"],
                              steps)  # fmt: skip
 
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def stop_accepting(self) -> None:
+        """Refuse new requests from now on (ShuttingDown); those in flight run on. `drain` also waits for them."""
+        with self._lock:
+            self._accepting = False
+            self._work.notify()
+
     def drain(self, timeout: float | None = None) -> LoopStats:
         """Take no new requests; wait until those in flight have finished (and their blocks are freed)."""
         with self._lock:

@@ -67,7 +67,7 @@ def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | No
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
+        if api_key and request.url.path.startswith(("/v1", "/admin")):
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 body = APIError(401, "invalid API key: give it as 'Authorization: Bearer KEY'", code="invalid_api_key")
@@ -147,8 +147,17 @@ def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | No
         return await rating().undo(rater_of(body.get("rater")))
 
     @app.get("/health")
-    async def health():
+    async def health():  # 503 while draining: routers and load balancers stop sending new requests here
+        if not loop.accepting:
+            return JSONResponse({"status": "draining"}, status_code=503)
         return {"status": "ok"}
+
+    @app.post("/admin/drain")
+    async def admin_drain():
+        """Take no new requests (503), let those in flight finish; then this replica can be stopped."""
+        loop.stop_accepting()
+        stats = loop.stats()
+        return {"status": "draining", "in_flight": stats.running + stats.waiting}
 
     @app.get("/metrics")
     async def prometheus():

@@ -8,6 +8,8 @@ import argparse
 from lmforge.hardware import QUANT_SCHEMES
 from lmforge.registry import add_model_argument, command, model_from_args
 
+from .policies import POLICIES
+
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
     add_model_argument(p, alias="--ckpt")
@@ -20,6 +22,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
     p.add_argument("--max-waiting", type=int, default=128, help="requests queued beyond it get 429")
     p.add_argument("--kv-memory", type=float, default=1.0, metavar="GIB", help="KV cache memory (GiB)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; per replica)")
+    r = p.add_argument_group("replicas: K processes behind one router on --host:--port")
+    r.add_argument("--replicas", type=int, default=1, metavar="K", help="replica processes (default 1: no router)")
+    r.add_argument("--policy", choices=POLICIES, default="cache_aware", help="how the router picks a replica")
     g = p.add_argument_group("the A/B rating page at /rate (the records `lmforge prefs collect` writes)")
     g.add_argument("--rate-prompts", metavar="SPEC", help="task:SPEC or a JSONL of prompts: turns /rate on")
     g.add_argument("--rate-out", default="prefs/rate.jsonl", help="preference records (appended; resumes)")
@@ -57,7 +63,17 @@ def serve(args: argparse.Namespace) -> None:
     if len(temperatures) != 2 or min(temperatures) < 0:
         raise UserError(f"--rate-temperatures must be two numbers ≥ 0 like 0.7,1.0, got {args.rate_temperatures}")
     _check_port_free(args.host, args.port)  # before the model loads: a second copy on a taken port is one line
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be ≥ 1, got {args.threads}")
+    if args.replicas < 1:
+        raise UserError(f"--replicas must be ≥ 1, got {args.replicas}")
+    if args.replicas > 1:
+        return _serve_replicas(args)
+    import torch
     import uvicorn
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     from lmforge.infer.engine import Engine
     from lmforge.infer.engine_loop import EngineLoop
@@ -104,6 +120,52 @@ def serve(args: argparse.Namespace) -> None:
     finally:  # drained (or a second Ctrl-C): whatever still runs is cancelled, the engine threads stop
         for each in loops:
             each.close()
+
+
+def _serve_replicas(args: argparse.Namespace) -> None:
+    from lmforge.config import UserError
+
+    from .replicas import default_threads, run_router, start_replicas, stop_replicas
+
+    if args.rate_prompts:
+        raise UserError("the rating page runs on one server: drop --replicas, or --rate-prompts")
+    model_from_args(args)
+    if args.served_model_name is None:
+        from pathlib import Path
+
+        args.served_model_name = Path(args.model or args.model_alias).stem  # one name on every replica
+    procs, urls = start_replicas(args, args.replicas, args.threads or default_threads(args.replicas))
+    try:
+        run_router(urls, args.policy, args.host, args.port)
+    finally:
+        stop_replicas(procs)
+
+
+def _router_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", action="append", required=True, metavar="URL",
+                   help="a replica's base URL (http://HOST:PORT); repeat for each")  # fmt: skip
+    p.add_argument("--policy", choices=POLICIES, default="cache_aware", help="how a replica is picked")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--health-interval", type=float, default=1.0, metavar="S", help="seconds between health checks")
+    p.add_argument("--session-header", default="x-session-id", help="the header the session policy hashes")
+
+
+@command("router", help="one OpenAI-compatible address in front of lmforge serve replicas, routed by a policy",
+         arguments=_router_args)  # fmt: skip
+def router(args: argparse.Namespace) -> None:
+    from lmforge.config import UserError
+
+    from .replicas import run_router
+
+    bad = [b for b in args.backend if not b.startswith(("http://", "https://"))]
+    if bad:
+        raise UserError(f"--backend takes a URL like http://127.0.0.1:8001, got {bad[0]!r}")
+    if args.health_interval <= 0:
+        raise UserError(f"--health-interval must be > 0 s, got {args.health_interval}")
+    _check_port_free(args.host, args.port)
+    run_router(args.backend, args.policy, args.host, args.port, health_interval=args.health_interval,
+               session_header=args.session_header)  # fmt: skip
 
 
 def _check_port_free(host: str, port: int) -> None:
