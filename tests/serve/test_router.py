@@ -215,3 +215,33 @@ def test_a_replica_killed_mid_run_loses_no_request_that_had_not_started_streamin
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_serve_replicas_starts_k_replicas_behind_a_router_and_one_ctrl_c_stops_all(model, tok, tmp_path):  # noqa: F811
+    run = write_run(tmp_path / "run", model, tok)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(run), "--replicas", "2", "--threads", "1",
+                             "--port", str(port), "--policy", "least_loaded"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        first = proc.stdout.readline()  # "2 replicas (1 thread each): URL, URL"
+        assert first.startswith("2 replicas (1 thread each): "), first
+        replicas = first.split(": ", 1)[1].strip().split(", ")
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            assert time.time() < deadline and proc.poll() is None, "the router did not start"
+            time.sleep(0.2)
+        assert sorted(httpx.get(f"{url}/health").json()["replicas"]) == sorted(replicas)
+        answer = client(url).completions.create(model="run", prompt="hi", max_tokens=3)
+        assert answer.usage.completion_tokens >= 1
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+        for r in replicas:  # the replicas are gone too
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(f"{r}/health", timeout=1)
+    finally:
+        proc.kill()
+        proc.wait()
