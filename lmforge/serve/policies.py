@@ -14,11 +14,11 @@ is tested on scripted workloads.
 - `cache_aware` (SGLang's router, Zheng et al. 2024, "SGLang: Efficient Execution of Structured Language Model
   Programs", §4): per replica, an approximate radix tree of the prompt text it was sent. When the load is balanced,
   a request goes to the replica whose tree holds the longest prefix of its prompt if that prefix covers more than
-  `cache_threshold` of it, else to the replica with the smallest tree (the most room); when imbalanced (the busiest
-  has more than `balance_abs` requests above the idlest and more than `balance_rel` times its load), to the least
-  loaded. The tree works at `block_chars` granularity and is stored as the hashes of its root-to-node paths (each
-  hash names one tree node, as vLLM names KV blocks), in LRU order, at most `max_blocks` per replica: bounded
-  memory, O(prompt length / block_chars) per request.
+  `cache_threshold` of it (0.5), else to the replica with the smallest tree (the most room); when imbalanced (the
+  busiest has more than `balance_abs` (32) requests above the idlest and more than `balance_rel` (1.0001) times its
+  load), to the least loaded. The tree works at `block_chars` granularity and is stored as the hashes of its
+  root-to-node paths (each hash names one tree node, as vLLM names KV blocks), in LRU order, at most `max_blocks`
+  per replica: bounded memory, O(prompt length / block_chars) per request.
 """
 
 from __future__ import annotations
@@ -99,7 +99,9 @@ class Session(Policy):
 
 
 class CacheAware(Policy):
-    def __init__(self, replicas, *, cache_threshold: float = 0.5, balance_abs: int = 4, balance_rel: float = 1.5,
+    # cache_threshold and the balance thresholds are SGLang router's defaults (0.5, 32, 1.0001): spill to the
+    # least loaded only when a replica is far behind; a lower balance_abs trades hits for evenness
+    def __init__(self, replicas, *, cache_threshold: float = 0.5, balance_abs: int = 32, balance_rel: float = 1.0001,
                  block_chars: int = 32, max_blocks: int = 65536):  # fmt: skip
         super().__init__(replicas)
         self.cache_threshold, self.balance_abs, self.balance_rel = cache_threshold, balance_abs, balance_rel

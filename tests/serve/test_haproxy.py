@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 pytest.importorskip("uvicorn")
-from test_openai_api import model, serving, tok  # noqa: E402, F401  (fixtures)
+from test_openai_api import model, serving, tok, wait_healthy  # noqa: E402, F401  (fixtures)
 
 from lmforge.serve.replicas import free_port  # noqa: E402
 
@@ -36,15 +36,7 @@ def test_haproxy_config_serves_32_streams_over_two_replicas(model, tok):  # noqa
                                  stderr=subprocess.DEVNULL)  # fmt: skip
         try:
             front = f"http://127.0.0.1:{port}"
-            deadline = time.time() + 20
-            while True:
-                try:
-                    if httpx.get(f"{front}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.time() < deadline, "haproxy did not start"
-                time.sleep(0.1)
+            wait_healthy(front, timeout=20, proc=proxy)
 
             def stream(i):
                 body = {"model": "tiny", "prompt": f"request {i}", "max_tokens": 24, "ignore_eos": True, "stream": True}

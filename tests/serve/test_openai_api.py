@@ -70,6 +70,18 @@ def serving(model, tok, *, api_key=None, max_waiting=64, max_batch=8, rate=None,
     server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"), loop)
     if holder is not None:
         holder.append(server)
+    try:
+        with in_thread(server):
+            yield f"http://127.0.0.1:{port}", loop
+    finally:
+        loop.close()
+        if session is not None and session.against is not None:
+            session.against.loop.close()
+
+
+@contextlib.contextmanager
+def in_thread(server):
+    """Run a uvicorn server in a daemon thread until the block ends."""
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
@@ -77,13 +89,21 @@ def serving(model, tok, *, api_key=None, max_waiting=64, max_batch=8, rate=None,
         assert time.time() < deadline, "the server did not start"
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}", loop
+        yield server
     finally:
         server.should_exit = True
         thread.join(10)
-        loop.close()
-        if session is not None and session.against is not None:
-            session.against.loop.close()
+
+
+def wait_healthy(url, timeout=120.0, proc=None):
+    """Poll url/health until it answers 200 (a process started elsewhere: a replica, haproxy)."""
+    deadline = time.time() + timeout
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        assert time.time() < deadline and (proc is None or proc.poll() is None), f"{url} did not come up"
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,7 +24,7 @@ import torch
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from test_openai_api import client, model, serving, tok  # noqa: E402, F401  (fixtures)
+from test_openai_api import client, in_thread, model, serving, tok, wait_healthy  # noqa: E402, F401  (fixtures)
 
 from lmforge.serve.policies import make_policy  # noqa: E402
 from lmforge.serve.replicas import free_port  # noqa: E402
@@ -37,17 +36,8 @@ def routing(backends, policy="round_robin", health_interval=0.2):
     router = Router(backends, make_policy(policy, backends), health_interval=health_interval)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_router_app(router), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert time.time() < deadline, "the router did not start"
-        time.sleep(0.02)
-    try:
+    with in_thread(server):
         yield f"http://127.0.0.1:{port}", router
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def stream_text(url, body, headers=None):
@@ -167,14 +157,8 @@ def test_a_replica_killed_mid_run_loses_no_request_that_had_not_started_streamin
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for p in ports]  # fmt: skip
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     try:
-        deadline = time.time() + 120
-        for u in urls:
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{u}/health", timeout=1).status_code == 200:
-                        break
-                assert time.time() < deadline, "a replica did not start"
-                time.sleep(0.2)
+        for u, p in zip(urls, procs):
+            wait_healthy(u, proc=p)
         with routing(urls, "round_robin", health_interval=0.2) as (url, router):
             body = {"model": "tiny", "prompt": "hello", "max_tokens": 300, "ignore_eos": True, "stream": True}
             killed_at, results = [None], {}
@@ -227,13 +211,8 @@ def test_serve_replicas_starts_k_replicas_behind_a_router_and_one_ctrl_c_stops_a
         first = proc.stdout.readline()  # "2 replicas (1 thread each): URL, URL"
         assert first.startswith("2 replicas (1 thread each): "), first
         replicas = first.split(": ", 1)[1].strip().split(", ")
-        url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            assert time.time() < deadline and proc.poll() is None, "the router did not start"
-            time.sleep(0.2)
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc=proc)
         assert sorted(httpx.get(f"{url}/health").json()["replicas"]) == sorted(replicas)
         answer = client(url).completions.create(model="run", prompt="hi", max_tokens=3)
         assert answer.usage.completion_tokens >= 1
