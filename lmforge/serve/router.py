@@ -10,7 +10,8 @@ answers 503 is draining and gets no new requests. A request goes to another repl
 has reached the client (the router holds the answer until the replica's first byte) and never after a 4xx: a
 refused connection, a 5xx, or a replica that dies before its first byte all move the request on; a replica that
 dies mid-stream cuts that stream (its client sees the stream end without `[DONE]`). `POST /admin/drain` on the
-router stops it taking requests; with `{"backend": URL}` it stops sending new ones to that replica only.
+router stops it taking requests; with `{"backend": URL}` it stops sending new ones to that replica only;
+`POST /admin/resume` (with the same body) undoes it.
 """
 
 from __future__ import annotations
@@ -291,6 +292,20 @@ def build_router_app(router: Router) -> FastAPI:
             raise APIError(404, f"no backend {url!r}: the backends are {', '.join(router.replicas)}", param="backend")
         replica.held = True
         return {"status": "draining", "backend": replica.url, "in_flight": replica.in_flight}
+
+    @app.post("/admin/resume")
+    async def resume(request: Request):
+        """Undo /admin/drain: the router (no body) or one backend (`{"backend": URL}`) takes requests again."""
+        body = json.loads(await request.body() or b"{}")
+        url = body.get("backend") if isinstance(body, dict) else None
+        if url is None:
+            router.accepting = True
+            return {"status": "ok"}
+        replica = router.replicas.get(str(url).rstrip("/"))
+        if replica is None:
+            raise APIError(404, f"no backend {url!r}: the backends are {', '.join(router.replicas)}", param="backend")
+        replica.held = False
+        return {"status": "ok", "backend": replica.url}
 
     return app
 

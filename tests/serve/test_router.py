@@ -130,6 +130,25 @@ def test_draining_a_replica_finishes_its_stream_and_sends_new_requests_elsewhere
                 lp._accepting = True  # the module's replicas serve the other tests
 
 
+def test_router_drain_holds_one_backend_and_resume_brings_it_back(two):
+    (url_a, _), (url_b, _) = two
+    with routing([url_a, url_b]) as (url, router):
+        assert httpx.post(f"{url}/admin/drain", json={"backend": url_a}).json()["status"] == "draining"
+        before = sent(router)
+        for _ in range(4):
+            client(url).completions.create(model="tiny", prompt="hi", max_tokens=2)
+        assert sent(router)[url_a] == before[url_a] and sent(router)[url_b] == before[url_b] + 4
+        assert httpx.post(f"{url}/admin/drain", json={"backend": "http://nowhere"}).status_code == 404
+        httpx.post(f"{url}/admin/resume", json={"backend": url_a}).raise_for_status()
+        for _ in range(4):
+            client(url).completions.create(model="tiny", prompt="hi", max_tokens=2)
+        assert sent(router)[url_a] == before[url_a] + 2  # round robin over both again
+        httpx.post(f"{url}/admin/drain").raise_for_status()  # the router itself
+        with pytest.raises(openai.InternalServerError):
+            client(url).completions.create(model="tiny", prompt="hi", max_tokens=2)
+        assert httpx.get(f"{url}/health").status_code == 503
+
+
 def write_run(path, net, tokenizer):
     """A run folder `lmforge serve` reads: the tokenizer, the config and one checkpoint of `net`."""
     from lmforge.config import save_config
