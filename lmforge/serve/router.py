@@ -280,30 +280,37 @@ def build_router_app(router: Router) -> FastAPI:
     async def replicas():
         return [vars(r) | {"routable": r.routable, "load": r.load} for r in router.replicas.values()]
 
-    @app.post("/admin/drain")
-    async def drain(request: Request):
-        body = json.loads(await request.body() or b"{}")
+    async def backend_of(request: Request) -> Replica | None:
+        """The replica an admin body names (`{"backend": URL}`), or None for the router itself (no body)."""
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError:
+            raise APIError(400, 'the body is not JSON: give {"backend": URL} or nothing') from None
         url = body.get("backend") if isinstance(body, dict) else None
         if url is None:
-            router.accepting = False
-            return {"status": "draining", "in_flight": sum(r.in_flight for r in router.replicas.values())}
+            return None
         replica = router.replicas.get(str(url).rstrip("/"))
         if replica is None:
             raise APIError(404, f"no backend {url!r}: the backends are {', '.join(router.replicas)}", param="backend")
+        return replica
+
+    @app.post("/admin/drain")
+    async def drain(request: Request):
+        """No new requests for the router (no body) or for one backend; what is in flight finishes."""
+        replica = await backend_of(request)
+        if replica is None:
+            router.accepting = False
+            return {"status": "draining", "in_flight": sum(r.in_flight for r in router.replicas.values())}
         replica.held = True
         return {"status": "draining", "backend": replica.url, "in_flight": replica.in_flight}
 
     @app.post("/admin/resume")
     async def resume(request: Request):
-        """Undo /admin/drain: the router (no body) or one backend (`{"backend": URL}`) takes requests again."""
-        body = json.loads(await request.body() or b"{}")
-        url = body.get("backend") if isinstance(body, dict) else None
-        if url is None:
+        """Undo /admin/drain: the router (no body) or one backend takes requests again."""
+        replica = await backend_of(request)
+        if replica is None:
             router.accepting = True
             return {"status": "ok"}
-        replica = router.replicas.get(str(url).rstrip("/"))
-        if replica is None:
-            raise APIError(404, f"no backend {url!r}: the backends are {', '.join(router.replicas)}", param="backend")
         replica.held = False
         return {"status": "ok", "backend": replica.url}
 
