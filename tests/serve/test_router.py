@@ -78,6 +78,18 @@ def test_answers_through_the_router_equal_a_replicas_own(two):
         assert f'lmforge_router_requests_total{{replica="{url_a}"}}' in metrics
 
 
+def test_32_concurrent_streams_through_the_router_all_finish(two):
+    (url_a, _), (url_b, _) = two
+    with routing([url_a, url_b], "least_loaded") as (url, router):
+        body = {"model": "tiny", "max_tokens": 16, "ignore_eos": True}
+        with ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(lambda i: stream_text(url, body | {"prompt": f"hello {i}"}), range(32)))
+        assert all(a[-1] == "data: [DONE]" and len(a) >= 3 for a in answers)
+        per = sent(router)
+        assert sum(per.values()) == 32 and min(per.values()) >= 8, per  # least loaded spreads them
+        assert all(r.in_flight == 0 for r in router.replicas.values())
+
+
 def test_session_policy_keeps_each_conversation_on_one_replica(two):
     (url_a, _), (url_b, _) = two
     with routing([url_a, url_b], "session") as (url, router):
