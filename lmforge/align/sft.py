@@ -176,8 +176,8 @@ def run(cfg: SFTConfig) -> RunDir:
     print(f"SFT on {len(train_chats):,} conversations → {len(train_rows[0]):,} rows of {seq_len + 1} tokens "
           f"({'packed' if cfg.packing else 'padded'}); base {cfg.base}; run {run_dir.path}")  # fmt: skip
     trainer = Trainer(model, tcfg, run_dir, batch_fn=batch_fn, loss_fn=masked_lm_loss, eval_fn=eval_fn,
-                      tokens_fn=lambda b: b[0][:, :-1].numel(), flops_per_token=cfg.model.flops_per_token(seq_len),
-                      resume=cfg.resume)  # fmt: skip
+                      tokens_fn=lambda b: b[0][:, :-1].numel(), loss_tokens_fn=lambda b: int(b[1][:, 1:].sum()),
+                      flops_per_token=cfg.model.flops_per_token(seq_len), resume=cfg.resume)  # fmt: skip
     trainer.fit()
     if cfg.lora.enabled:
         finish_lora_run(model, run_dir, trainer, cfg.lora)

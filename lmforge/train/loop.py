@@ -133,7 +133,13 @@ class Trainer:
 
     batch_fn returns this rank's micro-batch (anything loss_fn understands); tokens_fn(batch) counts the
     tokens it trains on (for tokens/s and MFU); eval_fn(model) returns metrics to log; flops_per_token
-    enables MFU."""
+    enables MFU.
+
+    loss_tokens_fn(batch), when given, counts the tokens loss_fn averages over (an SFT batch's assistant tokens):
+    the step's loss is then the mean over every loss token of all micro-batches on all ranks, as one big batch
+    would give, not the mean of micro-batch means, which weighs a token of a short micro-batch more than one of a
+    long one (the gradient-accumulation fix HF transformers and TRL made in 2024). Each micro-batch's mean is
+    weighted by its count, and the summed gradients divided by the count all-reduced over ranks."""
 
     def __init__(
         self,
@@ -145,6 +151,7 @@ class Trainer:
         loss_fn: LossFn,
         eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
         tokens_fn: Callable[[Batch], int] = lambda b: b[0].numel(),
+        loss_tokens_fn: Callable[[Batch], int] | None = None,
         flops_per_token: float | None = None,
         resume: bool = False,
     ):
@@ -160,6 +167,7 @@ class Trainer:
             )
         self.n_micro = cfg.batch_size // (micro * world)
         self.batch_fn, self.loss_fn, self.eval_fn, self.tokens_fn = batch_fn, loss_fn, eval_fn, tokens_fn
+        self.loss_tokens_fn = loss_tokens_fn
         self.flops_per_token = flops_per_token
         self._peak: float | None = None  # matmul peak for MFU, looked up at the first step
 
@@ -268,18 +276,25 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        total_loss, tokens, extra = torch.zeros((), device=self.device), 0, {}
+        total_loss, tokens, loss_tokens, extra = torch.zeros((), device=self.device), 0, 0, {}
         for micro in range(self.n_micro):
             batch = self.batch_fn(self.step, micro, self.n_micro)
             tokens += self.tokens_fn(batch)
+            weight = 1 / self.n_micro  # equal micro-batches: the mean of their means is the batch mean
+            if self.loss_tokens_fn is not None:
+                count = int(self.loss_tokens_fn(batch))
+                loss_tokens += count
+                weight = count  # a sum over tokens now; divided by the step's whole count below
             sync = micro == self.n_micro - 1
             with dist_utils.no_sync(self.model, skip=not sync), self._autocast():
                 out = self.loss_fn(self.model, batch)
                 loss, extra = out if isinstance(out, tuple) else (out, {})
-                loss = loss / self.n_micro  # the mean over the whole batch, as one big batch would give
+                loss = loss * weight
             self.scaler.scale(loss).backward()
             total_loss += loss.detach().float()
         total_loss = total_loss.item()  # one host sync per step, not one per micro-batch
+        if self.loss_tokens_fn is not None:
+            total_loss = self._normalise_by_tokens(total_loss, loss_tokens)
         finite = dist_utils.all_true(math.isfinite(total_loss), self.env)
         grad_norm = float("nan")
         if finite:
@@ -301,6 +316,22 @@ class Trainer:
         if self.scaler.is_enabled():
             metrics["loss_scale"] = float(self.scaler.get_scale())
         return metrics
+
+    @torch.no_grad()
+    def _normalise_by_tokens(self, loss_sum: float, count: int) -> float:
+        """Divide the summed gradients by the step's loss tokens on all ranks; returns this rank's share of the
+        mean loss (the logged loss is its mean over ranks). DDP and FSDP average gradients over ranks, so the
+        factor is world / count."""
+        world = self.env.world_size
+        total = dist_utils.mean(float(count), self.env) * world
+        if total == 0:  # no loss token anywhere this step: nothing to learn, and no division by zero
+            for p in self.model.parameters():
+                p.grad = None
+            return 0.0
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(world / total)
+        return loss_sum * world / total
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -45,3 +45,21 @@ def test_fsdp_checkpoint_from_two_ranks_resumes_on_one(tmp_path):
     straight = launch(tmp_path / "straight", "none", 3, 1)[0]
     assert resumed["start"] == 2
     assert resumed["losses"][0] == pytest.approx(straight["losses"][2], abs=1e-5)
+
+
+def test_loss_tokens_are_counted_over_all_ranks(tmp_path):
+    """Two ranks whose rows hold 2 and 60 loss tokens: the step's gradient is one process's over all 62 tokens."""
+    from safetensors.torch import load_file
+
+    worker = Path(__file__).with_name("dist_tokens_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, cmd in (("one", [sys.executable, str(worker)]),
+                      ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(worker)])):  # fmt: skip
+        proc = subprocess.run([*cmd, str(tmp_path / name), "none" if name == "one" else "ddp"], capture_output=True,
+                              text=True, env=env, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (load_file(tmp_path / n / "grads.safetensors") for n in ("one", "two"))
+    assert set(one) == set(two)
+    for key in one:
+        assert (one[key] - two[key]).abs().max().item() <= 1e-6, key

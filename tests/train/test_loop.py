@@ -169,3 +169,41 @@ def test_every_evaluation_is_logged_even_off_the_logging_steps(run_dir):
                       eval_fn=lambda m: {"heldout_accuracy": 0.5})  # fmt: skip
     trainer.fit()
     assert [r["step"] for r in read_metrics(run_dir.path) if "heldout_accuracy" in r] == [3, 6]
+
+
+def test_uneven_micro_batches_give_the_gradient_of_one_big_batch_when_normalised_by_tokens(tmp_path):
+    """SFT-style masks: micro-batch 1 has 2 loss tokens, micro-batch 2 has 60. Normalised by the step's loss tokens,
+    accumulation gives one big batch's gradient (≤ 1e-6); the mean of micro-batch means (the old convention,
+    without loss_tokens_fn) does not."""
+    from train_helpers import SEQ, VOCAB
+
+    from lmforge.align.sft import masked_lm_loss
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, VOCAB, (4, SEQ + 1), generator=g)
+    masks = torch.zeros(4, SEQ + 1, dtype=torch.long)
+    masks[0, -1] = masks[1, -1] = 1  # micro-batch 0: one loss token per row
+    masks[2:, 1:] = 1  # micro-batch 1: every target
+    micro = [(rows[:2], masks[:2]), (rows[2:], masks[2:])]
+
+    def gradient(loss_tokens_fn, micro_batch_size):
+        trainer = Trainer(tiny_model(0), config(batch_size=4, micro_batch_size=micro_batch_size, grad_clip=0.0),
+                          RunDir.create(tmp_path, f"r{micro_batch_size}{loss_tokens_fn is None}"),
+                          batch_fn=lambda step, i, n: micro[i] if n == 2 else (rows, masks),
+                          loss_fn=masked_lm_loss, loss_tokens_fn=loss_tokens_fn)  # fmt: skip
+        grads = {}
+        trainer.optimizer.step = lambda: grads.update(
+            {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        )
+        metrics = trainer.train_step()
+        return grads, metrics["loss"]
+
+    count = lambda b: int(b[1][:, 1:].sum())  # noqa: E731
+    big, big_loss = gradient(None, 4)  # one batch: the mean over all 62 loss tokens
+    acc, acc_loss = gradient(count, 2)
+    old, _ = gradient(None, 2)
+    assert math.isclose(acc_loss, big_loss, rel_tol=1e-6)
+    for name in big:
+        torch.testing.assert_close(acc[name], big[name], atol=1e-6, rtol=0, msg=name)
+    worst = max((old[n] - big[n]).abs().max().item() for n in big)
+    assert worst > 1e-3  # the old convention is another gradient: this test tells them apart
