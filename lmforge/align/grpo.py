@@ -66,11 +66,12 @@ class GroupBatch:
     metrics: dict
 
 
-def grpo_loss(beta: float, clip: float):
-    """−(1/G)Σ_i (1/|o_i|) Σ_t [min(ρ·Â_i, clip(ρ)·Â_i) − β·k3_t] (Shao et al. 2024, eq. 3)."""
+def grpo_loss(beta: float, clip: float, temperature: float = 1.0):
+    """−(1/G)Σ_i (1/|o_i|) Σ_t [min(ρ·Â_i, clip(ρ)·Â_i) − β·k3_t] (Shao et al. 2024, eq. 3), every log-prob at the
+    rollouts' sampling temperature."""
 
     def loss_fn(model, b: GroupBatch):
-        logp = token_logprobs(model, b.rows)
+        logp = token_logprobs(model, b.rows, temperature)
         ratio = torch.exp(logp - (logp.detach() if b.old_logp is None else b.old_logp))
         adv = b.advantages[:, None]
         objective = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
@@ -97,7 +98,7 @@ def run(cfg: GRPOConfig) -> RunDir:
     pool = prompt_pool(task, max(cfg.prompts_per_step * cfg.train.steps, 1000), cfg.seed)
     check_pool(pool, cfg.prompts_per_step, "prompts_per_step", task)
     policy, tokenizer = load_base(cfg)
-    reference_logp = frozen_reference(policy, cfg.lora.enabled) if cfg.beta > 0 else None
+    reference_logp = frozen_reference(policy, cfg.lora.enabled, cfg.temperature) if cfg.beta > 0 else None
     if cfg.lora.enabled:
         apply_lora(policy, cfg.lora)
     run_dir = create_run(cfg, tokenizer)
@@ -116,7 +117,7 @@ def run(cfg: GRPOConfig) -> RunDir:
             old = None
             if cfg.iterations > 1:  # reused for several updates: keep π_old; with one update it is π itself
                 with torch.no_grad():
-                    old = token_logprobs(policy, out.rows)
+                    old = token_logprobs(policy, out.rows, cfg.temperature)
             signal = rewards.view(cfg.prompts_per_step, cfg.n).std(-1) > 0  # groups not all right or all wrong
             metrics = {"reward": rewards.mean().item(), "response_len": out.mask.sum(1).float().mean().item(),
                        "groups_with_signal": signal.float().mean().item()}  # fmt: skip
@@ -130,8 +131,9 @@ def run(cfg: GRPOConfig) -> RunDir:
         return {"heldout_accuracy": result["accuracy"]}
 
     print(f"GRPO on {task.spec()}: {cfg.prompts_per_step} prompts × {cfg.n} samples a rollout; base {cfg.base}")
-    trainer = Trainer(policy, cfg.train, run_dir, batch_fn=batch_fn, loss_fn=grpo_loss(cfg.beta, cfg.clip),
-                      eval_fn=eval_fn, tokens_fn=lambda b: int(b.mask.sum()), resume=cfg.resume)  # fmt: skip
+    loss_fn = grpo_loss(cfg.beta, cfg.clip, cfg.temperature)
+    trainer = Trainer(policy, cfg.train, run_dir, batch_fn=batch_fn, loss_fn=loss_fn, eval_fn=eval_fn,
+                      tokens_fn=lambda b: int(b.mask.sum()), resume=cfg.resume)  # fmt: skip
     trainer.fit()
     if cfg.lora.enabled:
         finish_lora_run(policy, run_dir, trainer, cfg.lora)

@@ -147,10 +147,12 @@ class PPOBatch:
     metrics: dict
 
 
-def ppo_loss(clip: float, value_clip: float, vf_coef: float):
+def ppo_loss(clip: float, value_clip: float, vf_coef: float, temperature: float = 1.0):
+    """Clipped policy loss + vf_coef × clipped value loss; log-probs (and the entropy) at the sampling temperature."""
+
     def loss_fn(model: PolicyWithValue, b: PPOBatch):
         logits, values = model(b.rows)
-        logp_all = F.log_softmax(logits, -1)
+        logp_all = F.log_softmax(logits.float() / temperature, -1)
         logp = torch.gather(logp_all, 2, b.rows[:, 1:, None]).squeeze(2)
         policy_loss, clip_fraction = ppo_policy_loss(logp, b.old_logp, b.advantages, b.mask, clip)
         value_loss = ppo_value_loss(values, b.old_values, b.returns, b.mask, value_clip)
@@ -208,7 +210,7 @@ def run(cfg: PPOConfig) -> RunDir:
                           f"the policy's ({tokenizer.vocab_size}): train it from the same SFT run as base",
                           "reward_model")  # fmt: skip
     reward_model.requires_grad_(False)
-    reference_logp = frozen_reference(policy, cfg.lora.enabled)
+    reference_logp = frozen_reference(policy, cfg.lora.enabled, cfg.temperature)
     if cfg.lora.enabled:
         apply_lora(policy, cfg.lora)  # the reference is the policy with its adapters off: no second copy
     critic = critic_from(reward_model) if cfg.critic == "reward_model" else None
@@ -228,7 +230,9 @@ def run(cfg: PPOConfig) -> RunDir:
                       max_new_tokens=cfg.max_new_tokens, seed=key)  # fmt: skip
         mask = out.mask[:, 1:].float()
         logits, values = model(out.rows)
-        old_logp = torch.gather(F.log_softmax(logits, -1), 2, out.rows[:, 1:, None]).squeeze(2)
+        old_logp = torch.gather(F.log_softmax(logits.float() / cfg.temperature, -1), 2, out.rows[:, 1:, None]).squeeze(
+            2
+        )
         ref_logp = reference_logp(out.rows)
         scores = (reward_model(out.rows, out.last) - score_mean) / score_std
         logged_score = scores.mean().item()
@@ -278,7 +282,7 @@ def run(cfg: PPOConfig) -> RunDir:
     print(f"PPO on {task.spec()} with reward model {cfg.reward_model}: {cfg.prompts_per_rollout} prompts × "
           f"{cfg.samples_per_prompt} samples a rollout, "
           f"{cfg.ppo_epochs} epochs of minibatches of {cfg.minibatch}")  # fmt: skip
-    loss_fn = ppo_loss(cfg.clip, cfg.value_clip, cfg.vf_coef)
+    loss_fn = ppo_loss(cfg.clip, cfg.value_clip, cfg.vf_coef, cfg.temperature)
     trainer = Trainer(model, cfg.train, run_dir, batch_fn=batch_fn, loss_fn=loss_fn, eval_fn=eval_fn,
                       tokens_fn=lambda b: int(b.mask.sum()), resume=cfg.resume)  # fmt: skip
     trainer.fit()  # a signal raises Stopped out of it, keeping the resumable checkpoint (value head too)

@@ -62,10 +62,10 @@ def create_run(cfg, tokenizer) -> RunDir:
     return run_dir
 
 
-def frozen_reference(policy, lora: bool):
+def frozen_reference(policy, lora: bool, temperature: float = 1.0):
     """`rows -> log π_ref(tokens)` of the policy as it is now. Call it before LoRA wraps the policy: without
     LoRA the reference is a frozen copy; with LoRA it is the policy with its adapters off, so no second copy of
-    the weights is kept (the base weights never change)."""
+    the weights is kept (the base weights never change). Log-probs at the rollouts' sampling `temperature`."""
     import copy
 
     import torch
@@ -78,8 +78,8 @@ def frozen_reference(policy, lora: bool):
     @torch.no_grad()
     def logprobs(rows):
         if reference is not None:
-            return token_logprobs(reference, rows)
+            return token_logprobs(reference, rows, temperature)
         with adapters_disabled(policy):
-            return token_logprobs(policy, rows)
+            return token_logprobs(policy, rows, temperature)
 
     return logprobs

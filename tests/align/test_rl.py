@@ -67,6 +67,37 @@ def test_grpo_starts_at_minus_mean_advantage_and_steps_cleanly(base_run):
     assert all(torch.equal(p, ref_weights[n]) for n, p in reference.named_parameters())
 
 
+def test_rl_scores_tokens_at_the_sampling_temperature(base_run):
+    """Sampled at T = 0.6, a rollout's tokens are scored under softmax(logits / T) — the distribution the sampler
+    drew them from (`processed_probs`) — by GRPO, PPO and the reference; scoring at T = 1 (the old convention)
+    is another policy: the ratio on fresh rollouts is no longer 1."""
+    from lmforge.infer.sampling import SamplingParams, processed_probs
+
+    _, base, _, _ = base_run
+    policy, tok = load_base(base)
+    T = 0.6
+    out = rollout(policy, tok, PROMPTS, n=4, temperature=T, max_new_tokens=4, seed=3)
+    mask = out.mask[:, 1:].bool()
+    with torch.no_grad():
+        raw = policy(out.rows[:, :-1]).float()
+        B, L, V = raw.shape
+        probs = processed_probs(raw.reshape(-1, V), [SamplingParams(temperature=T)] * (B * L)).view(B, L, V)
+        sampler = torch.gather(probs, 2, out.rows[:, 1:, None]).squeeze(2).log()
+        at_t, at_1 = token_logprobs(policy, out.rows, T), token_logprobs(policy, out.rows)
+    torch.testing.assert_close(at_t[mask], sampler[mask], atol=1e-5, rtol=0)
+    assert (at_1[mask] - sampler[mask]).abs().max() > 1e-2
+    adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0]).view(2, 4)).view(-1) + 0.5
+    batch = GroupBatch(out.rows, mask.float(), adv, at_t, at_t, {})
+    loss, metrics = grpo_loss(beta=0.04, clip=0.2, temperature=T)(policy, batch)
+    assert loss.item() == pytest.approx(-adv.mean().item(), abs=1e-5) and metrics["kl"] == pytest.approx(0, abs=1e-6)
+    _, old_convention = grpo_loss(beta=0.04, clip=0.2)(policy, batch)  # scored at T = 1 against π_ref at T
+    assert old_convention["kl"] > 1e-4  # a KL between a policy and itself that is not 0
+    model = PolicyWithValue(policy, None)
+    ppo = PPOBatch(out.rows, mask.float(), at_t, torch.zeros(B, L), adv[:, None].expand(B, L), torch.zeros(B, L), {})
+    _, m = ppo_loss(clip=0.2, value_clip=0.2, vf_coef=0.5, temperature=T)(model, ppo)
+    assert m["clip_fraction"] == 0 and m["policy_loss"] == pytest.approx(-adv.mean().item(), abs=1e-5)
+
+
 def test_adaptive_kl_by_hand():
     c = AdaptiveKL(0.1, target=6.0, horizon=10_000)
     c.update(kl=9.0, n=100)  # error clip(9/6 − 1) = 0.2 → β·(1 + 0.2·100/10000) = 0.1002
