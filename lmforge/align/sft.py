@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from lmforge.config import UserError
 from lmforge.model import ModelConfig
@@ -91,36 +92,57 @@ def render(tokenizer, chats: list[list[dict]]) -> list[tuple[list[int], list[int
 def pack(
     rendered: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int, packing: bool = True, what: str = "the data"
 ):
-    """Rows of seq_len + 1 tokens and their loss masks, as [M, seq_len + 1] tensors.
+    """Rows of seq_len + 1 tokens, their loss masks and each token's document (conversation) number, as
+    [M, seq_len + 1] tensors.
 
     Packing concatenates every conversation (each starts with <|bos|>) and cuts the stream into windows, so
-    no compute is spent on padding; a conversation may straddle two windows, and attention may look back
-    into the previous conversation of its window (as in GPT-style packing; the mask keeps the loss on the
-    assistant's tokens only). Without packing each conversation is one row, padded (mask 0) or cut."""
+    no compute is spent on padding; a conversation may straddle two windows. The document numbers keep the
+    conversations of a window apart: `masked_lm_loss` restarts positions at each and lets each attend only to
+    itself, so a packed row's logits are those of each conversation alone (no cross-talk). Without packing
+    each conversation is one row, padded (mask 0) or cut."""
     if packing:
         ids = [t for r in rendered for t in r[0]]
         mask = [m for r in rendered for m in r[1]]
+        doc = [i for i, r in enumerate(rendered) for _ in r[0]]
         n = (len(ids) - 1) // seq_len
         if n <= 0:
             raise UserError(f"{what} has {len(ids)} tokens, fewer than one window of {seq_len + 1}: give more "
                             "conversations, a smaller seq_len, or packing=false")  # fmt: skip
-        x = torch.tensor(ids[: n * seq_len + 1])
-        m = torch.tensor(mask[: n * seq_len + 1])
+        x, m, d = (torch.tensor(v[: n * seq_len + 1]) for v in (ids, mask, doc))
         starts = torch.arange(n) * seq_len
         window = starts[:, None] + torch.arange(seq_len + 1)
-        return x[window], m[window]
+        return x[window], m[window], d[window]
     rows = torch.full((len(rendered), seq_len + 1), pad_id, dtype=torch.long)
     masks = torch.zeros(len(rendered), seq_len + 1, dtype=torch.long)
     for i, (ids, mask) in enumerate(rendered):
         ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
         rows[i, : len(ids)], masks[i, : len(mask)] = torch.tensor(ids), torch.tensor(mask)
-    return rows, masks
+    return rows, masks, torch.zeros_like(rows)
+
+
+def document_positions(docs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions [B, T] restarting at 0 where each document starts, attention [B, T, T]: same document) for a
+    row of packed documents, numbered by `docs` [B, T] (a document's tokens are contiguous)."""
+    T = docs.shape[1]
+    index = torch.arange(T, device=docs.device).expand_as(docs)
+    starts = torch.ones_like(docs, dtype=torch.bool)
+    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values  # the doc's first index
+    return index - first, docs[:, :, None] == docs[:, None, :]
 
 
 def masked_lm_loss(model, batch) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions whose *target* has mask 1 (the assistant's tokens)."""
-    rows, masks = batch
-    return -masked_mean(token_logprobs(model, rows), masks[:, 1:])
+    """Mean next-token cross-entropy over the positions whose *target* has mask 1 (the assistant's tokens); rows
+    holding several conversations (packed) see each conversation alone."""
+    rows, masks, *docs = batch
+    x = rows[:, :-1]
+    if docs and bool((docs[0][:, 1:] != docs[0][:, :-1]).any()):
+        positions, same_doc = document_positions(docs[0][:, :-1])
+        logits = model(x, positions=positions, attn_mask=same_doc).float()
+        logp = torch.gather(F.log_softmax(logits, -1), 2, rows[:, 1:, None]).squeeze(2)
+    else:
+        logp = token_logprobs(model, rows)
+    return -masked_mean(logp, masks[:, 1:])
 
 
 # ---- run ------------------------------------------------------------------------------------------------
@@ -160,7 +182,7 @@ def run(cfg: SFTConfig) -> RunDir:
         idx = order[(k * tcfg.batch_size + micro * micro_rows) % len(order) :][:micro_rows]
         if len(idx) < micro_rows:  # fewer rows than a batch: wrap around
             idx = order[torch.arange(micro_rows) % len(order)]
-        return train_rows[0][idx], train_rows[1][idx]
+        return train_rows[0][idx], train_rows[1][idx], train_rows[2][idx]
 
     def eval_fn(m) -> dict[str, float]:
         if val_rows is None:
@@ -168,7 +190,7 @@ def run(cfg: SFTConfig) -> RunDir:
         total, weight = 0.0, 0.0
         with torch.no_grad():
             for i in range(0, len(val_rows[0]), 16):
-                batch = (val_rows[0][i : i + 16], val_rows[1][i : i + 16])
+                batch = tuple(t[i : i + 16] for t in val_rows)
                 w = batch[1][:, 1:].sum().item()
                 total, weight = total + masked_lm_loss(m, batch).item() * w, weight + w
         return {"val_loss": total / max(weight, 1)}

@@ -38,7 +38,7 @@ class AttentionContext:
     mask: torch.Tensor | None = None  # [B, 1, T, Tk] bool, True = may attend; None on the plain path
     bias: torch.Tensor | None = None  # [B|1, H, T, Tk] additive (ALiBi, T5 relative)
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin for q_pos (keys get theirs when stored)
-    k_valid: torch.Tensor | None = None  # [B, Tk]
+    k_valid: torch.Tensor | None = None  # [B, Tk] (False: padding), or [B, T, Tk] (packed documents)
     cache: Cache | None = None
     # New tokens at the positions right after everything the cache holds, no padding: token i sees every cached key
     # and the new ones up to itself (what a fused decode step assumes; `mask` then encodes just that)
@@ -56,8 +56,8 @@ def attention_mask(cfg: ModelConfig, q_pos, k_pos, k_valid=None) -> torch.Tensor
         local = (q // b - k // b) <= 1  # own block and the one before
         summary = (k % b) == (b - 1)  # the last key of every earlier block
         allowed = allowed & (local | summary)
-    if k_valid is not None:
-        allowed = allowed & k_valid[:, None, :]
+    if k_valid is not None:  # [B, Tk]: padding keys; [B, T, Tk]: which keys each query's document holds
+        allowed = allowed & (k_valid[:, None, :] if k_valid.dim() == 2 else k_valid)
     # A padding query may see nothing; let it see everything instead of producing NaN (its output is unused).
     allowed = allowed | ~allowed.any(-1, keepdim=True)
     return allowed[:, None]

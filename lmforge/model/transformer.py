@@ -114,7 +114,9 @@ class Transformer(nn.Module):
         return_hidden: bool = False,
     ):
         """idx [B, T] token ids. positions [B, T]: each token's position (default: after what the cache holds,
-        else 0..T-1). attn_mask [B, T] bool: False marks padding. cache: a `lmforge.model.cache.Cache`.
+        else 0..T-1). attn_mask [B, T] bool: False marks padding; or [B, T, T] bool: key j is visible to query i
+        (documents packed into one row: with positions restarting at each, every document sees only itself), on
+        top of causality by position. cache: a `lmforge.model.cache.Cache`.
         Returns logits [B, T, vocab] (fp32-accumulated in the model's dtype), or (logits, hidden)."""
         hidden = self.hidden_states(idx, positions=positions, cache=cache, attn_mask=attn_mask)
         logits = self.lm_head(hidden)
@@ -142,6 +144,9 @@ class Transformer(nn.Module):
         if positions is None:
             start = 0 if cache is None else cache.length
             positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        if attn_mask is not None and attn_mask.dim() == 3 and (cache is not None or cfg.attention == "linear"):
+            raise ValueError("a [B, T, T] attn_mask (packed documents) needs softmax attention and no cache, "
+                             f"not attention={cfg.attention!r}" + (" with a cache" if cache else ""))  # fmt: skip
         k_pos, k_valid = (positions, attn_mask) if cache is None else cache.begin(positions, attn_mask)
         ctx = AttentionContext(q_pos=positions, k_pos=k_pos, plain_causal=plain, k_valid=k_valid, cache=cache,
                                follows_cache=after_cache and k_valid is None)  # fmt: skip

@@ -25,15 +25,45 @@ def test_masked_loss_is_the_mean_over_assistant_targets_only():
 
 def test_packing_cuts_one_stream_and_padding_keeps_one_conversation_per_row():
     rendered = [([1, 2, 3, 4], [0, 0, 1, 1]), ([1, 5, 6], [0, 1, 1]), ([1, 7, 8, 9, 10], [0, 0, 0, 1, 1])]
-    x, m = pack(rendered, seq_len=4, pad_id=0)
+    x, m, d = pack(rendered, seq_len=4, pad_id=0)
     stream = [1, 2, 3, 4, 1, 5, 6, 1, 7, 8, 9, 10]
     assert x.tolist() == [stream[0:5], stream[4:9]]  # windows of T + 1 overlapping by one token
     assert m.tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 0, 0]]
-    x, m = pack(rendered, seq_len=4, pad_id=0, packing=False)
+    assert d.tolist() == [[0, 0, 0, 0, 1], [1, 1, 1, 2, 2]]  # the conversation each token belongs to
+    x, m, _ = pack(rendered, seq_len=4, pad_id=0, packing=False)
     assert x.tolist() == [[1, 2, 3, 4, 0], [1, 5, 6, 0, 0], [1, 7, 8, 9, 10]]
     assert m[1].tolist() == [0, 1, 1, 0, 0]
     with pytest.raises(ValueError, match="fewer than one window"):
         pack(rendered[:1], seq_len=8, pad_id=0)
+
+
+@pytest.mark.parametrize("position", ["rope", "learned", "alibi"])
+def test_a_packed_row_scores_each_conversation_as_if_alone(position):
+    """Three conversations packed into one row: every target's log-prob equals that conversation's own forward
+    (positions restart, attention stays inside it) to 1e-5; without the document mask they do not."""
+    from lmforge.align.sft import document_positions
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=20, max_seq_len=16, n_layer=2, d_model=16, n_head=2,
+                                    position=position, init_std=0.2)).eval()  # fmt: skip
+    docs = [[1, 4, 5, 6], [1, 7, 8], [1, 9, 3, 2, 5]]
+    rows, masks, ids = pack([(d, [1] * len(d)) for d in docs], seq_len=11, pad_id=0)
+    positions, same = document_positions(ids[:, :-1])
+    with torch.no_grad():
+        packed = F.log_softmax(model(rows[:, :-1], positions=positions, attn_mask=same).float(), -1)[0]
+        naive = F.log_softmax(model(rows[:, :-1]).float(), -1)[0]  # the old convention: one 11-token sequence
+        start = 0
+        for d in docs:
+            alone = F.log_softmax(model(torch.tensor([d])).float(), -1)[0]
+            n = min(len(d), 11 - start)  # the last conversation is cut by the window
+            torch.testing.assert_close(packed[start : start + n], alone[:n], atol=1e-5, rtol=0)
+            start += len(d)
+    assert (packed[4:] - naive[4:]).abs().max() > 1e-3  # cross-talk changes the later conversations
+    loss = masked_lm_loss(model, (rows, masks, ids))
+    with torch.no_grad():
+        targets = rows[0, 1:]
+        expected = -torch.stack([packed[t, targets[t]] for t in range(11) if masks[0, t + 1]]).mean()
+    torch.testing.assert_close(loss, expected)
 
 
 def sft_config(root, base, chats, name, *extra):
