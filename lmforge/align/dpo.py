@@ -37,7 +37,9 @@ class DPOConfig:
     resume: bool = False
     beta: float = 0.1
     label_smoothing: float = 0.0  # conservative DPO's ε
-    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo
+    # sigmoid (DPO) | ipo (Azar et al. 2023, on per-token averaged log-ratios, as its authors and TRL compute it)
+    # | ipo_sum (the same loss on summed log-ratios: it grows with the answers' length, so β means less)
+    loss_type: str = "sigmoid"
     # α·NLL per token of the chosen response, added to the loss (Pang et al. 2024, "Iterative Reasoning Preference
     # Optimization"; TRL's rpo_alpha): plain DPO can lower the chosen answers' likelihood along with the rejected
     # ones, which on tasks with one right answer costs greedy accuracy; 0 = plain DPO
@@ -67,8 +69,8 @@ class DPOConfig:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.rpo_alpha < 0:
             raise ValueError(f"rpo_alpha must be ≥ 0, got {self.rpo_alpha}")
-        if self.loss_type not in ("sigmoid", "ipo"):
-            raise ValueError(f"loss_type must be sigmoid or ipo, got {self.loss_type!r}")
+        if self.loss_type not in ("sigmoid", "ipo", "ipo_sum"):
+            raise ValueError(f"loss_type must be sigmoid, ipo or ipo_sum, got {self.loss_type!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction is the share of prompts held out, in [0, 1); got {self.val_fraction}")
 
@@ -91,12 +93,18 @@ def dpo_batch_loss(cfg: DPOConfig, tokenizer, max_len: int):
     def loss_fn(model, batch):
         b, ref = batch
         chosen = sequence_logprob(model, b.chosen, b.chosen_mask)
-        out = dpo_loss(chosen, sequence_logprob(model, b.rejected, b.rejected_mask), ref[:, 0], ref[:, 1],
-                       beta=cfg.beta, label_smoothing=cfg.label_smoothing, loss_type=cfg.loss_type)  # fmt: skip
+        rejected = sequence_logprob(model, b.rejected, b.rejected_mask)
+        n_chosen = b.chosen_mask[:, 1:].sum(-1).clamp(min=1)
+        logps = (chosen, rejected, ref[:, 0], ref[:, 1])
+        if cfg.loss_type == "ipo":  # per-token averages of each answer's log-probs
+            n_rejected = b.rejected_mask[:, 1:].sum(-1).clamp(min=1)
+            logps = tuple(lp / n for lp, n in zip(logps, (n_chosen, n_rejected, n_chosen, n_rejected)))
+        out = dpo_loss(*logps, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+                       loss_type="ipo" if cfg.loss_type.startswith("ipo") else cfg.loss_type)  # fmt: skip
         metrics = out.metrics()
         if not cfg.rpo_alpha:
             return out.loss, metrics
-        nll = -(chosen / b.chosen_mask[:, 1:].sum(-1).clamp(min=1)).mean()
+        nll = -(chosen / n_chosen).mean()
         metrics["nll_chosen"] = nll.item()
         return out.loss + cfg.rpo_alpha * nll, metrics
 

@@ -3,6 +3,7 @@ DPO loss starts at log 2, and end-to-end runs write run folders the next stage c
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -69,6 +70,38 @@ def test_dpo_starts_at_log2_and_a_lora_step_leaves_the_reference_bit_identical(b
         if not n.endswith(("lora_A", "lora_B")):
             assert torch.equal(p, before[n]), n  # the frozen reference weights
     assert any(n.endswith("lora_A") for n in before)
+
+
+def test_ipo_is_on_per_token_averaged_log_ratios_and_ipo_sum_on_summed_ones(base_run):
+    """IPO as its authors and TRL compute it: ((Δ_c / n_c) − (Δ_r / n_r) − 1/(2β))², Δ the summed log-ratio to
+    the reference and n the answer's tokens; `ipo_sum` keeps the summed form. Recomputed by hand from per-token
+    log-probs of a policy that is not the reference."""
+    from lmforge.align.losses import token_logprobs
+
+    _, base, _, pairs_path = base_run
+    policy, tok = load_base(base)
+    pairs = [p | {"rejected": p["rejected"] * (1 + i % 3)} for i, p in enumerate(load_pairs(pairs_path)[:8])]
+    reference = copy.deepcopy(policy)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ref = reference_logprobs(reference, tok, pairs, 32)
+    b = collate(tok, pairs, 32)
+    with torch.no_grad():
+
+        def delta(rows, mask):  # summed log-ratio to the reference, and the answer's token count
+            m = mask[:, 1:].float()
+            return ((token_logprobs(policy, rows) - token_logprobs(reference, rows)) * m).sum(-1), m.sum(-1)
+
+        (dc, nc), (dr, nr) = delta(b.chosen, b.chosen_mask), delta(b.rejected, b.rejected_mask)
+        beta = 0.1
+        expected_avg = ((dc / nc - dr / nr - 1 / (2 * beta)) ** 2).mean()
+        expected_sum = ((dc - dr - 1 / (2 * beta)) ** 2).mean()
+        got_avg, _ = dpo_batch_loss(DPOConfig(beta=beta, loss_type="ipo"), tok, 32)(policy, (b, ref))
+        got_sum, _ = dpo_batch_loss(DPOConfig(beta=beta, loss_type="ipo_sum"), tok, 32)(policy, (b, ref))
+    assert got_avg.item() == pytest.approx(expected_avg.item(), rel=1e-5)
+    assert got_sum.item() == pytest.approx(expected_sum.item(), rel=1e-5)
+    assert not (nc == nr).all() and abs(got_avg.item() - got_sum.item()) > 1e-3
 
 
 def test_reward_and_dpo_runs_end_to_end(base_run):
