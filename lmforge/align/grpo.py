@@ -25,6 +25,8 @@ from .losses import group_advantages, kl_k3, masked_mean, token_logprobs
 from .rollout import prompt_pool, rl_train_config, rollout
 from .stage import check_config, check_pool, config_examples, create_run, frozen_reference, load_base
 
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+
 
 @dataclass
 class GRPOConfig:
@@ -40,6 +42,12 @@ class GRPOConfig:
     max_new_tokens: int = 8
     beta: float = 0.0  # KL(π‖π_ref) coefficient, k3 per token; 0 = no reference kept
     clip: float = 0.2
+    # how token terms become the loss: grpo (the paper's: each response's mean, then their mean — a token of a
+    # short answer weighs more), dapo (Yu et al. 2025: the mean over every token of the batch), dr_grpo (Liu et al.
+    # 2025: the sum over tokens ÷ (responses × max_new_tokens), a constant). grpo stays the default: it is the
+    # published algorithm and the one lmforge's recorded RLHF figures used (TRL defaults to dapo).
+    loss_type: str = "grpo"
+    scale_rewards: str = "group"  # advantages ÷ the group's reward std | batch | none (Dr. GRPO)
     eval_n: int = 200  # held-out prompts, greedy, at every eval
     seed: int = 0
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -51,6 +59,10 @@ class GRPOConfig:
             raise ValueError(f"a group needs n ≥ 2 samples, got {self.n}")
         if self.iterations < 1 or self.prompts_per_step < 1:
             raise ValueError("iterations and prompts_per_step must be ≥ 1")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
         from lmforge.data.tasks import get_task
 
         get_task(self.task)  # a bad spec fails here, before the base model loads
@@ -66,9 +78,14 @@ class GroupBatch:
     metrics: dict
 
 
-def grpo_loss(beta: float, clip: float, temperature: float = 1.0):
-    """−(1/G)Σ_i (1/|o_i|) Σ_t [min(ρ·Â_i, clip(ρ)·Â_i) − β·k3_t] (Shao et al. 2024, eq. 3), every log-prob at the
-    rollouts' sampling temperature."""
+def grpo_loss(beta: float, clip: float, temperature: float = 1.0, loss_type: str = "grpo",
+              max_new_tokens: int | None = None):  # fmt: skip
+    """−(1/G)Σ_i (1/|o_i|) Σ_t [min(ρ·Â_i, clip(ρ)·Â_i) − β·k3_t] (Shao et al. 2024, eq. 3) for loss_type="grpo";
+    "dapo" averages the token terms over every token of the batch, "dr_grpo" sums them and divides by
+    responses × max_new_tokens. Every log-prob at the rollouts' sampling temperature. The clip fraction counts the
+    tokens where the clip binds: ρ > 1 + ε with Â > 0, or ρ < 1 − ε with Â < 0."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
 
     def loss_fn(model, b: GroupBatch):
         logp = token_logprobs(model, b.rows, temperature)
@@ -80,9 +97,15 @@ def grpo_loss(beta: float, clip: float, temperature: float = 1.0):
             kl = kl_k3(logp, b.ref_logp)
             objective = objective - beta * kl
             metrics["kl"] = masked_mean(kl, b.mask).item()
-        per_sequence = masked_mean(objective, b.mask, dim=1)
-        metrics["clip_fraction"] = masked_mean(((ratio - 1).abs() > clip).float(), b.mask).item()
-        return -per_sequence.mean(), metrics
+        if loss_type == "grpo":
+            loss = -masked_mean(objective, b.mask, dim=1).mean()
+        elif loss_type == "dapo":
+            loss = -masked_mean(objective, b.mask)
+        else:  # dr_grpo
+            loss = -(objective * b.mask).sum() / (b.mask.shape[0] * (max_new_tokens or b.mask.shape[1]))
+        binds = ((ratio > 1 + clip) & (adv > 0)) | ((ratio < 1 - clip) & (adv < 0))
+        metrics["clip_fraction"] = masked_mean(binds.float(), b.mask).item()
+        return loss, metrics
 
     return loss_fn
 
@@ -113,7 +136,7 @@ def run(cfg: GRPOConfig) -> RunDir:
             out = rollout(policy, tokenizer, [e.prompt_messages() for e in chosen], n=cfg.n,
                           temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=key)  # fmt: skip
             rewards = torch.tensor([float(task.grade(chosen[i], text)) for i, text in zip(out.prompt_index, out.texts)])
-            adv = group_advantages(rewards.view(cfg.prompts_per_step, cfg.n)).view(-1)
+            adv = group_advantages(rewards.view(cfg.prompts_per_step, cfg.n), scale=cfg.scale_rewards).view(-1)
             old = None
             if cfg.iterations > 1:  # reused for several updates: keep π_old; with one update it is π itself
                 with torch.no_grad():
@@ -131,7 +154,7 @@ def run(cfg: GRPOConfig) -> RunDir:
         return {"heldout_accuracy": result["accuracy"]}
 
     print(f"GRPO on {task.spec()}: {cfg.prompts_per_step} prompts × {cfg.n} samples a rollout; base {cfg.base}")
-    loss_fn = grpo_loss(cfg.beta, cfg.clip, cfg.temperature)
+    loss_fn = grpo_loss(cfg.beta, cfg.clip, cfg.temperature, cfg.loss_type, cfg.max_new_tokens)
     trainer = Trainer(policy, cfg.train, run_dir, batch_fn=batch_fn, loss_fn=loss_fn, eval_fn=eval_fn,
                       tokens_fn=lambda b: int(b.mask.sum()), resume=cfg.resume)  # fmt: skip
     trainer.fit()

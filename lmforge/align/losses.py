@@ -165,13 +165,20 @@ def ppo_value_loss(
     return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """[n_prompts, n_samples] rewards → (r − mean_group) / (std_group + eps) (GRPO, Shao et al. 2024): the
-    group's own samples are the baseline, so no value model is needed. A group with equal rewards gets 0. The
-    std is the sample std (n − 1), as TRL's GRPOTrainer computes it."""
-    mean = rewards.mean(-1, keepdim=True)
-    std = rewards.std(-1, keepdim=True)
-    return (rewards - mean) / (std + eps)
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6, scale: str = "group") -> torch.Tensor:
+    """[n_prompts, n_samples] rewards → (r − mean_group) / (std + eps) (GRPO, Shao et al. 2024): the group's own
+    samples are the baseline, so no value model is needed. A group with equal rewards gets 0. `scale`: the std of
+    the group ("group", GRPO's), of the whole batch ("batch"), or none ("none": Dr. GRPO, Liu et al. 2025, who
+    show the group std over-weights easy and hard prompts). The std is the sample std (n − 1), as TRL's
+    GRPOTrainer computes it."""
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    if scale == "none":
+        return centred
+    if scale == "batch":
+        return centred / (rewards.std() + eps)
+    if scale != "group":
+        raise ValueError(f"scale must be group, batch or none, got {scale!r}")
+    return centred / (rewards.std(-1, keepdim=True) + eps)
 
 
 def leave_one_out(rewards: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,37 @@ def test_rl_scores_tokens_at_the_sampling_temperature(base_run):
     assert m["clip_fraction"] == 0 and m["policy_loss"] == pytest.approx(-adv.mean().item(), abs=1e-5)
 
 
+def test_grpo_loss_types_scale_rewards_and_the_binding_clip_by_hand(base_run):
+    """With β = 0 and π_old = π, every token's term is its response's advantage: grpo = −mean_i Â_i, dapo =
+    −Σ n_i·Â_i / Σ n_i, dr_grpo = −Σ n_i·Â_i / (B · max_new_tokens); the clip fraction counts only the tokens where
+    the clip binds (ρ = e^0.5 > 1 + ε with Â > 0; ρ < 1 − ε with Â < 0)."""
+    _, base, _, _ = base_run
+    policy, tok = load_base(base)
+    out = rollout(policy, tok, PROMPTS, n=4, temperature=1.0, max_new_tokens=6, seed=5)
+    mask = out.mask[:, 1:].float()
+    keep = torch.arange(8) % 5 + 1  # responses of uneven length (1..5 tokens), so the loss types differ
+    mask = mask * (mask.cumsum(1) <= keep[:, None]).float()
+    n = mask.sum(1)
+    assert len(set(n.tolist())) > 1
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.5]).view(2, 4)
+    adv = group_advantages(rewards).view(-1)
+    with torch.no_grad():
+        logp = token_logprobs(policy, out.rows)
+    batch = GroupBatch(out.rows, mask, adv, logp, None, {})
+    expected = {"grpo": -adv.mean(), "dapo": -(n * adv).sum() / n.sum(), "dr_grpo": -(n * adv).sum() / (8 * 6)}
+    for loss_type, value in expected.items():
+        loss, _ = grpo_loss(beta=0.0, clip=0.2, loss_type=loss_type, max_new_tokens=6)(policy, batch)
+        assert loss.item() == pytest.approx(value.item(), abs=1e-5), loss_type
+    raised = GroupBatch(out.rows, mask, adv, logp - 0.5, None, {})  # ρ = e^0.5 on every token
+    _, metrics = grpo_loss(beta=0.0, clip=0.2)(policy, raised)
+    assert metrics["clip_fraction"] == pytest.approx(((adv > 0).float() * n).sum().item() / n.sum().item())
+    r = rewards
+    torch.testing.assert_close(group_advantages(r, scale="none"), r - r.mean(-1, keepdim=True))
+    torch.testing.assert_close(group_advantages(r, scale="batch"), (r - r.mean(-1, keepdim=True)) / (r.std() + 1e-6))
+    with pytest.raises(ValueError, match="loss_type"):
+        grpo_loss(beta=0.0, clip=0.2, loss_type="sum")
+
+
 def test_adaptive_kl_by_hand():
     c = AdaptiveKL(0.1, target=6.0, horizon=10_000)
     c.update(kl=9.0, n=100)  # error clip(9/6 − 1) = 0.2 → β·(1 + 0.2·100/10000) = 0.1002
