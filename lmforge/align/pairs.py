@@ -43,6 +43,7 @@ class PairBatch:
     rejected: torch.Tensor
     rejected_mask: torch.Tensor
     rejected_last: torch.Tensor
+    margin: torch.Tensor | None = None  # [B] each pair's own margin (0 where it has none); None: no pair has one
 
     def __len__(self) -> int:
         return self.chosen.shape[0]
@@ -63,4 +64,7 @@ def pad(seqs: list[tuple[list[int], list[int]]], pad_id: int, max_len: int) -> t
 def collate(tokenizer, pairs: list[dict], max_len: int) -> PairBatch:
     chosen = pad([render(tokenizer, p["prompt"], p["chosen"]) for p in pairs], tokenizer.pad_id, max_len)
     rejected = pad([render(tokenizer, p["prompt"], p["rejected"]) for p in pairs], tokenizer.pad_id, max_len)
-    return PairBatch(*chosen, *rejected)
+    margin = None
+    if any("margin" in p for p in pairs):
+        margin = torch.tensor([p.get("margin", 0.0) for p in pairs], dtype=torch.float32)
+    return PairBatch(*chosen, *rejected, margin)

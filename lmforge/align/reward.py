@@ -58,7 +58,7 @@ class RewardConfig:
     resume: bool = False
     val_fraction: float = 0.1  # pairs held out (split by prompt, so no held-out prompt is trained on)
     max_len: int | None = None  # None: the base model's max_seq_len
-    margin: float = 0.0  # a fixed margin in the Bradley–Terry loss
+    margin: float = 0.0  # a fixed margin in the Bradley–Terry loss, added to each pair's own "margin" column
     center: float = 0.0  # reward centering coefficient (Eisenstein et al. 2023); 0 = off
     seed: int = 0
     train: TrainConfig = field(
@@ -97,7 +97,8 @@ def pair_loss(margin: float, center: float):
     def loss_fn(model: RewardModel, batch: PairBatch):
         r_c = model(batch.chosen, batch.chosen_last)
         r_r = model(batch.rejected, batch.rejected_last)
-        loss = bradley_terry_loss(r_c, r_r, margin, center)
+        pair_margins = margin if batch.margin is None else margin + batch.margin  # the data's column adds to it
+        loss = bradley_terry_loss(r_c, r_r, pair_margins, center)
         return loss, {"accuracy": (r_c > r_r).float().mean().item(), "margin": (r_c - r_r).mean().item()}
 
     return loss_fn

@@ -75,7 +75,8 @@ def load_jsonl_messages(path: str | Path) -> list[list[dict]]:
 def load_jsonl_preferences(path: str | Path) -> list[dict]:
     """Preference pairs, one a line: {"prompt": "...", "chosen": "...", "rejected": "..."}, all strings. Lines
     written by `lmforge prefs collect` carry a "label": only those labelled "a" or "b" are pairs (ties,
-    both-bad, skips and unlabelled ones are left out)."""
+    both-bad, skips and unlabelled ones are left out). An optional number "margin" says by how much the chosen
+    answer should win (reward training's per-pair margin, Llama 2's "degree of preference"); without it, 0."""
     pairs = []
     for number, obj in jsonl_objects(path):
         if "label" in obj and obj["label"] not in ("a", "b"):
@@ -87,5 +88,9 @@ def load_jsonl_preferences(path: str | Path) -> list[dict]:
             if not isinstance(obj[key], str):
                 raise UserError(f'{path}:{number}: "{key}" must be a string, got {type(obj[key]).__name__}')
             pair[key] = obj[key]
+        if "margin" in obj:
+            if isinstance(obj["margin"], bool) or not isinstance(obj["margin"], int | float):
+                raise UserError(f'{path}:{number}: "margin" must be a number, got {type(obj["margin"]).__name__}')
+            pair["margin"] = float(obj["margin"])
         pairs.append(pair)
     return pairs

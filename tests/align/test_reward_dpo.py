@@ -42,6 +42,32 @@ def test_reward_step_changes_exactly_the_parameters_with_gradients(base_run):
     assert 0 <= metrics["accuracy"] <= 1
 
 
+def test_a_margin_column_is_each_pairs_own_margin_in_the_reward_loss(base_run, tmp_path):
+    import json
+
+    import torch.nn.functional as F
+
+    from lmforge.config import UserError
+
+    _, base, _, pairs_path = base_run
+    backbone, tok = load_base(base)
+    model = RewardModel(backbone).eval()
+    pairs = load_pairs(pairs_path)[:4]
+    path = tmp_path / "margins.jsonl"
+    path.write_text("".join(json.dumps(p | ({"margin": 2.0 * i} if i else {})) + "\n" for i, p in enumerate(pairs)))
+    read = load_pairs(path)
+    assert [p.get("margin") for p in read] == [None, 2.0, 4.0, 6.0]
+    batch = collate(tok, read, 32)
+    with torch.no_grad():
+        r_c, r_r = model(batch.chosen, batch.chosen_last), model(batch.rejected, batch.rejected_last)
+        loss, _ = pair_loss(0.5, 0.0)(model, batch)  # the fixed margin adds to each pair's own
+    expected = -F.logsigmoid(r_c - r_r - torch.tensor([0.5, 2.5, 4.5, 6.5])).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    path.write_text(json.dumps(pairs[0] | {"margin": "big"}) + "\n")
+    with pytest.raises(UserError, match='"margin" must be a number'):
+        load_pairs(path)
+
+
 def test_dpo_starts_at_log2_and_a_lora_step_leaves_the_reference_bit_identical(base_run):
     _, base, _, pairs_path = base_run
     policy, tok = load_base(base)
