@@ -184,12 +184,19 @@ def load_adapters(model: nn.Module, path: str | Path) -> LoRAConfig:
 
 
 def finish_lora_run(model: nn.Module, run_dir, trainer, cfg: LoRAConfig) -> None:
-    """End of a finished LoRA training run: the adapters alone to `adapters.safetensors`, then the merged model
+    """End of a finished LoRA training run: the adapters alone to `adapters.safetensors` (and, for Llama-family
+    models, in PEFT's format to `adapter/`), then the merged model
     as the last checkpoint, so later stages load the run like any other (W + (α/r)·B·A, plain keys). (A run
     stopped by a signal never gets here: Trainer.fit raises Stopped, keeping its resumable checkpoint.)"""
     from lmforge.train.checkpoint import save_checkpoint
 
     save_adapters(model, run_dir.path / "adapters.safetensors", cfg)
+    from .peft_format import save_peft
+
+    try:  # the same adapters in PEFT's format, for peft and vLLM on the HF export of the base
+        save_peft(model, run_dir.path / "adapter", cfg)
+    except UserError as e:
+        print(f"no PEFT adapter folder: {e}")
     merge_lora(model)
     save_checkpoint(run_dir.checkpoints, trainer.step, model, {"step": trainer.step}, keep=trainer.cfg.keep_checkpoints,
                     info={"lora": "merged"})  # fmt: skip
