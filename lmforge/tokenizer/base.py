@@ -9,7 +9,32 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 
+from tokenizers import Regex, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
+
+# llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), as tokenizers pre-tokenizers.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")  # fmt: skip
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def gguf_pre_tokenizer(pre: str):
+    """The tokenizers pre-tokenizer of llama.cpp's `tokenizer.ggml.pre` name, or None for one lmforge lacks."""
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bytes_only = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    table = {
+        "gpt-2": lambda: byte_level,  # llama.cpp's name for GPT-2's pre-tokenizer
+        "gpt2": lambda: byte_level,
+        "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]),
+        "llama-bpe": lambda: pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"), bytes_only]
+        ),  # fmt: skip
+        "qwen2": lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"), bytes_only]),
+    }
+    return table.get(pre, lambda: None)()
+
+
+GGUF_PRE_NAMES = ("gpt-2", "smollm", "llama-bpe", "qwen2")  # the ones GGUF export can name
 
 
 class HFBacked:
@@ -49,6 +74,15 @@ class HFBacked:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (size {self.vocab_size})")
         # tokenizers skips special tokens by default; lmforge shows everything unless asked.
         return self.hf.decode(ids, skip_special_tokens=skip_special)
+
+    def gguf_pre(self) -> str | None:
+        """llama.cpp's name (`tokenizer.ggml.pre`) of the pre-tokenizer that splits text as this one does, or None
+        when it has none lmforge knows (what GGUF export writes, so llama.cpp tokenizes text the same)."""
+        mine = json.loads(self.hf.to_str()).get("pre_tokenizer")
+        for name in GGUF_PRE_NAMES:
+            if json.loads(gguf_pre_tokenizer(name).__getstate__()) == mine:
+                return name
+        return None
 
     def fingerprint(self) -> str:
         """sha256 of the id → token table (added tokens included). Two tokenizers with one fingerprint mean the

@@ -24,38 +24,18 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, decoders, models
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.config import UserError
 from lmforge.runs import atomic_write_text
 
-from .base import HFBacked
+from .base import HFBacked, gguf_pre_tokenizer
 from .chat import ChatTemplate
 from .own import IncrementalDecoder, _bytes_to_unicode
 
 TOKENIZER_FILE, CONFIG_FILE, GENERATION_FILE = "tokenizer.json", "tokenizer_config.json", "generation_config.json"
 STOP_KEY = "lmforge_stop_tokens"  # in tokenizer_config.json: the stop tokens beyond eos_token, kept through a run
-
-# llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), as tokenizers pre-tokenizers.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")  # fmt: skip
-QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
-
-
-def _gguf_pre_tokenizer(pre: str):
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    bytes_only = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    table = {
-        "gpt2": lambda: byte_level,
-        "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]),
-        "llama-bpe": lambda: pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"), bytes_only]
-        ),  # fmt: skip
-        "qwen2": lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"), bytes_only]),
-    }
-    return table.get(pre, lambda: None)()
-
 
 GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4  # llama.cpp's token types
 
@@ -130,7 +110,7 @@ class ImportedTokenizer(HFBacked):
         if kind != "gpt2":
             raise UserError(f"{name}: tokenizer.ggml.model {kind!r} is not supported yet (byte-level BPE, 'gpt2', "
                             "is): convert the HF folder instead")  # fmt: skip
-        pre_tokenizer = _gguf_pre_tokenizer(pre)
+        pre_tokenizer = gguf_pre_tokenizer(pre)
         if pre_tokenizer is None:
             raise UserError(f"{name}: tokenizer.ggml.pre {pre!r} is not supported (gpt2, smollm, llama-bpe, qwen2): "
                             "import the model's HF folder instead")  # fmt: skip

@@ -96,13 +96,23 @@ def evaluate_text(model_path: str | Path, text_file: str | Path, *, ctx: int | N
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": count, "windows": windows, "ctx": ctx}
 
 
-def export(run: str | Path, to: str, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Write the run's model as a Hugging Face folder: safetensors weights, config, tokenizer, generation config.
+def export(run: str | Path, to: str, out: str | Path, *, overwrite: bool = False, quantize: str = "f32") -> Path:
+    """Write the run's model as a Hugging Face folder (safetensors weights, config, tokenizer, generation config)
+    or, `to="gguf"`, as a llama.cpp file (`lmforge.model.gguf_export`, weights `quantize`d f32 | f16 | q8_0).
 
-    A non-empty `out` is refused unless `overwrite`; then only the files written here are replaced (anything
-    else in `out` stays), each through a temporary folder beside `out` and a rename (`save_hf`)."""
+    A non-empty `out` folder (an existing `out` file) is refused unless `overwrite`; for a folder only the files
+    written here are replaced (anything else in `out` stays), each through a temporary folder beside `out` and a
+    rename (`save_hf`); a GGUF file is written beside `out` and renamed over it."""
+    if to == "gguf":
+        from lmforge.model.gguf_export import save_gguf
+
+        out = Path(out)
+        if out.is_dir() or (out.exists() and not overwrite):
+            raise ConfigError(f"export --out {out} exists: give a new file name, or --overwrite to replace it")
+        model, tok, _ = resolve_model(run)
+        return save_gguf(model, tok, out, quantize)
     if to != "hf":
-        raise ConfigError(f"export --to {to!r}: only 'hf' is supported")
+        raise ConfigError(f"export --to {to!r}: choose hf or gguf")
     from lmforge.model.hf_export import save_hf
     from lmforge.runs import atomic_write_text, check_output_folder
 

@@ -162,8 +162,14 @@ def _evaluate_tasks(args: argparse.Namespace) -> None:
 
 def _export_args(p: argparse.ArgumentParser) -> None:
     add_model_argument(p)
-    p.add_argument("--to", default="hf", choices=["hf"], help="target format")
-    p.add_argument("--out", required=True, help="output folder (refused if it holds anything, unless --overwrite)")
+    p.add_argument("--to", default="hf", choices=["hf", "gguf"], help="a Hugging Face folder, or a llama.cpp file")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder (hf; refused if it holds anything, unless --overwrite) "
+        "or file (gguf; refused if it exists, unless --overwrite)",
+    )
+    p.add_argument("--quantize", choices=["f32", "f16", "q8_0"], default="f32", help="gguf weights (norms stay f32)")
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -171,9 +177,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-@command("export", help="export a model as a Hugging Face folder (safetensors, config, tokenizer, chat template)",
+@command("export", help="export a model as a Hugging Face folder or a GGUF file (weights, tokenizer, chat template)",
          arguments=_export_args)  # fmt: skip
 def export(args: argparse.Namespace) -> None:
     from lmforge.train.artifacts import export as export_run
 
-    print(f"exported to {export_run(args.model, args.to, args.out, overwrite=args.overwrite)}")
+    print(f"exported to {export_run(args.model, args.to, args.out, overwrite=args.overwrite, quantize=args.quantize)}")
