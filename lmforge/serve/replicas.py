@@ -57,7 +57,8 @@ def start_replicas(args, count: int, threads: int, timeout: float = 600.0) -> tu
                 if proc.poll() is not None:
                     log.seek(0)
                     lines = log.read().strip().splitlines()
-                    raise UserError(f"replica {url} exited before serving: {lines[-1] if lines else 'no message'}")
+                    why = lines[-1].removeprefix("lmforge: error: ") if lines else "no message"
+                    raise UserError(f"replica {url} exited before serving: {why}")
                 try:
                     if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                         break
