@@ -40,6 +40,7 @@ import torch
 
 from benchmarks.harness import environment, format_environment, report_rows
 from benchmarks.serving import free_port, pct, wait_healthy
+from lmforge.serve.policies import POLICIES
 
 USERS, ROUNDS, REPLY, QUESTION_WORDS = 32, 6, 64, 32  # a question ~200 tokens: code pasted in
 THINK = 1.0  # mean seconds between a reply and the next question (exponential)
@@ -247,9 +248,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--policies", default="round_robin,least_loaded,session,cache_aware")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, round_robin and cache_aware")
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args()
+    if args.quick:
+        args.seeds, args.policies = 1, "round_robin,cache_aware"
     policies = args.policies.split(",")
+    unknown = sorted(set(policies) - set(POLICIES))
+    if unknown:
+        ap.error(f"--policies: {', '.join(unknown)} unknown; choose from {', '.join(POLICIES)}")
     with tempfile.TemporaryDirectory() as tmp:
         run, kv = make_run(Path(tmp) / "run"), kv_gib_for_half_the_histories()
         print(format_environment(environment()))

