@@ -233,7 +233,8 @@ BENCHMARKS = {
     "batch": "batching",  # continuous batching vs HF one-at-a-time and static batches
     "spec": "speculative",  # draft model and prompt lookup: measured vs predicted speed-up
     "quant": "inference_quality",  # Δperplexity and bytes of KV and weight quantization; KV eviction table
-    "serve": "serving",  # lmforge serve over HTTP vs the in-process engine loop
+    "serve": "serving",  # lmforge serve over HTTP vs the in-process engine loop, and vs llama-server
+    "route": "routing",  # router policies over 2 replicas: prefix-cache hits, TTFT; a replica killed
     "models": "models_in",  # a real GGUF model in: parity with HF and llama.cpp, load RSS
 }
 
@@ -243,7 +244,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (--quick, --record, --help)")
 
 
-@command("bench", help="inference benchmarks (decode, batch, spec, quant, serve, models), beside the peers",
+@command("bench", help="inference benchmarks (decode, batch, spec, quant, serve, route, models), beside the peers",
          arguments=_bench_args)  # fmt: skip
 def bench(args: argparse.Namespace) -> int:
     root = Path(__file__).resolve().parents[2]
