@@ -139,10 +139,11 @@ def gguf_model_config(
 
 
 # ---- weights ----------------------------------------------------------------------------------------------
-def _gguf_names(cfg: ModelConfig) -> dict[str, str]:
+def _gguf_names(cfg: ModelConfig, arch: str | None = None) -> dict[str, str]:
     """GGUF tensor name -> lmforge name: from_hf's list of tensors for this config, renamed by llama.cpp's own
-    HF -> GGUF table (the one its converter uses), so both imports expect the same tensors."""
-    arch = cfg.extra["gguf"]["architecture"]
+    HF -> GGUF table (the one its converter uses), so both imports, and the export, name the same tensors.
+    `arch`: the file's architecture (default: the one the config was imported from)."""
+    arch = arch or cfg.extra["gguf"]["architecture"]
     table = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], cfg.n_layer)
     names = {table.get_name(hf, try_suffixes=(".weight", ".bias")): ours for hf, ours in _llama_names(cfg).items()}
     if None in names:
@@ -157,6 +158,17 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     from HF's half-split RoPE pairs (i, i + d/2) to ggml's interleaved pairs (2i, 2i + 1)."""
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """What llama.cpp's converter does (the inverse of `_unpermute`), for GGUF export."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _projection(name: str) -> str:
+    """blocks.3.attn.wq.weight -> attn.wq (the key of PERMUTED)."""
+    return name.split(".", 2)[-1].rpartition(".")[0]
 
 
 CHUNK_VALUES = 1 << 20  # values dequantized at a time (4 MB of float32): the transient, whatever the tensor's size
@@ -224,7 +236,7 @@ def _load(path: str | os.PathLike, dtype: torch.dtype) -> tuple[Transformer, dic
                 f"{source}: tensor {name} has shape {tuple(w.shape)}, its metadata implies "
                 f"{tuple(expected[ours].shape)}; convert or download it again"
             )
-        projection = ours.split(".", 2)[-1].rpartition(".")[0]  # blocks.3.attn.wq.weight -> attn.wq
+        projection = _projection(ours)
         sd[ours] = _unpermute(w, getattr(cfg, PERMUTED[projection])) if permuted and projection in PERMUTED else w
     if tensors:
         left = sorted(tensors)

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import torch
 
 from lmforge.config import UserError
 
 from .config import ModelConfig
-from .hf import _llama_names
+from .gguf import PERMUTED, _gguf_names, _permute, _projection
 from .transformer import Transformer
 
 QUANTS = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -42,13 +41,6 @@ def check_exportable(cfg: ModelConfig) -> None:
         if getattr(cfg, field) not in allowed:
             raise UserError(f"export --to gguf: {field}={getattr(cfg, field)!r} has no llama.cpp 'llama' equivalent "
                             f"(needs {field} in {allowed}); export --to hf instead")  # fmt: skip
-
-
-def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """HF's half-split RoPE rows (i, i + d/2) of each head → ggml's interleaved pairs (2i, 2i + 1), as llama.cpp's
-    converter does for the llama architecture (the inverse of `gguf._unpermute`)."""
-    rows = w.shape[0]
-    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _tokenizer_fields(writer: gguf.GGUFWriter, tokenizer) -> None:
@@ -108,24 +100,20 @@ def save_gguf(model: Transformer, tokenizer, path: str | os.PathLike, quantize: 
     writer.add_vocab_size(cfg.vocab_size)
     _tokenizer_fields(writer, tokenizer)
 
-    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layer)
     sd = model.state_dict()
-    names = {table.get_name(hf, try_suffixes=(".weight", ".bias")): ours for hf, ours in _llama_names(cfg).items()}
-    if not cfg.tie_embeddings:
-        names["output.weight"] = "lm_head.weight"
-    heads = {"attn.wq": cfg.n_head, "attn.wk": cfg.n_kv_head}
-    for name, ours in names.items():
+    Q = gguf.GGMLQuantizationType
+    for name, ours in _gguf_names(cfg, arch).items():  # the importer's table: the names it reads back
         w = sd[ours].detach().float().cpu()
-        for projection, n in heads.items():
-            if ours.endswith(projection + ".weight"):
-                w = _permute(w, n)
-        data, F = w.numpy(), gguf.GGMLQuantizationType
-        qtype = QUANTS[quantize] if data.ndim == 2 else F.F32  # norms stay f32
-        if qtype == F.Q8_0 and data.shape[-1] % 32:  # Q8_0 packs rows in blocks of 32: F16, as llama.cpp falls back
-            qtype = F.F16
-        if qtype == F.F16:
+        projection = _projection(ours)
+        if projection in PERMUTED:  # q and k rows interleaved per head, as the llama architecture expects
+            w = _permute(w, getattr(cfg, PERMUTED[projection]))
+        data = w.numpy()
+        qtype = QUANTS[quantize] if data.ndim == 2 else Q.F32  # norms stay f32
+        if qtype == Q.Q8_0 and data.shape[-1] % 32:  # Q8_0 packs rows in blocks of 32: F16, as llama.cpp falls back
+            qtype = Q.F16
+        if qtype == Q.F16:
             writer.add_tensor(name, data.astype(np.float16))
-        elif qtype == F.F32:
+        elif qtype == Q.F32:
             writer.add_tensor(name, data)
         else:
             writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
