@@ -190,9 +190,9 @@ def finish_lora_run(model: nn.Module, run_dir, trainer, cfg: LoRAConfig) -> None
     stopped by a signal never gets here: Trainer.fit raises Stopped, keeping its resumable checkpoint.)"""
     from lmforge.train.checkpoint import save_checkpoint
 
-    save_adapters(model, run_dir.path / "adapters.safetensors", cfg)
-    from .peft_format import save_peft
+    from .peft_format import save_peft  # it imports this module
 
+    save_adapters(model, run_dir.path / "adapters.safetensors", cfg)
     try:  # the same adapters in PEFT's format, for peft and vLLM on the HF export of the base
         save_peft(model, run_dir.path / "adapter", cfg)
     except UserError as e:

@@ -37,12 +37,16 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return out if shift_mean else out + mean
 
 
-def token_logprobs(model, rows: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """[B, T-1] log-probability of rows[:, 1:] given the prefix, under `model` (logits in fp32) at `temperature`:
-    RL scores tokens under the distribution they were sampled from (softmax(logits / T)), or the importance ratio
-    and the KL are those of another policy whenever T ≠ 1."""
-    logits = model(rows[:, :-1]).float()
-    return torch.gather(F.log_softmax(logits / temperature, -1), 2, rows[:, 1:, None]).squeeze(2)
+def next_token_logprobs(logits: torch.Tensor, rows: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """[B, T-1] log-probability of rows[:, 1:] from the logits [B, T-1, V] of rows[:, :-1] (in fp32) at
+    `temperature`: RL scores tokens under the distribution they were sampled from (softmax(logits / T)), or the
+    importance ratio and the KL are those of another policy whenever T ≠ 1."""
+    return torch.gather(F.log_softmax(logits.float() / temperature, -1), 2, rows[:, 1:, None]).squeeze(2)
+
+
+def token_logprobs(model, rows: torch.Tensor, temperature: float = 1.0, **forward) -> torch.Tensor:
+    """`next_token_logprobs` of `model`'s forward over rows[:, :-1]; `forward` goes to it (positions, attn_mask)."""
+    return next_token_logprobs(model(rows[:, :-1], **forward), rows, temperature)
 
 
 def sequence_logprob(model, rows: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

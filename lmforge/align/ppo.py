@@ -30,7 +30,17 @@ from lmforge.runs import RunDir
 from lmforge.train.loop import TrainConfig, Trainer, seed_everything
 
 from .lora import LoRAConfig, apply_lora, finish_lora_run
-from .losses import gae, kl_k1, kl_k3, leave_one_out, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
+from .losses import (
+    gae,
+    kl_k1,
+    kl_k3,
+    leave_one_out,
+    masked_mean,
+    masked_whiten,
+    next_token_logprobs,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
 from .rollout import prompt_pool, rl_train_config, rollout
 from .stage import check_config, check_pool, config_examples, create_run, frozen_reference, load_base
 
@@ -230,9 +240,7 @@ def run(cfg: PPOConfig) -> RunDir:
                       max_new_tokens=cfg.max_new_tokens, seed=key)  # fmt: skip
         mask = out.mask[:, 1:].float()
         logits, values = model(out.rows)
-        old_logp = torch.gather(F.log_softmax(logits.float() / cfg.temperature, -1), 2, out.rows[:, 1:, None]).squeeze(
-            2
-        )
+        old_logp = next_token_logprobs(logits, out.rows, cfg.temperature)  # the sampler's distribution
         ref_logp = reference_logp(out.rows)
         scores = (reward_model(out.rows, out.last) - score_mean) / score_std
         logged_score = scores.mean().item()

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lmforge.config import UserError
 from lmforge.model import ModelConfig
@@ -135,14 +134,11 @@ def masked_lm_loss(model, batch) -> torch.Tensor:
     """Mean next-token cross-entropy over the positions whose *target* has mask 1 (the assistant's tokens); rows
     holding several conversations (packed) see each conversation alone."""
     rows, masks, *docs = batch
-    x = rows[:, :-1]
+    forward = {}
     if docs and bool((docs[0][:, 1:] != docs[0][:, :-1]).any()):
         positions, same_doc = document_positions(docs[0][:, :-1])
-        logits = model(x, positions=positions, attn_mask=same_doc).float()
-        logp = torch.gather(F.log_softmax(logits, -1), 2, rows[:, 1:, None]).squeeze(2)
-    else:
-        logp = token_logprobs(model, rows)
-    return -masked_mean(logp, masks[:, 1:])
+        forward = {"positions": positions, "attn_mask": same_doc}
+    return -masked_mean(token_logprobs(model, rows, **forward), masks[:, 1:])
 
 
 # ---- run ------------------------------------------------------------------------------------------------
