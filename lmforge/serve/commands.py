@@ -75,38 +75,22 @@ def serve(args: argparse.Namespace) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    from lmforge.infer.engine import Engine
-    from lmforge.infer.engine_loop import EngineLoop
-    from lmforge.infer.fastpath import optimize_for_decode
-    from lmforge.infer.loading import load_for_inference
-    from lmforge.infer.quantize import quantize_model
-
     from .app import build_app
     from .server import DrainingServer
 
     source = model_from_args(args)
-    model, tok = load_for_inference(source)
-    if args.quantize:
-        quantize_model(model, args.quantize)
-    optimize_for_decode(model)
-    engine = Engine(model, tokenizer=tok, kv_dtype="int8" if args.kv == "int8" else None, max_batch=args.max_batch,
-                    kv_memory_gib=args.kv_memory, verbose=True)  # fmt: skip
+    loop, tok = _engine_loop(source, args, verbose=True)
     name = args.served_model_name or Path(source).stem
-    loop = EngineLoop(engine, max_waiting=args.max_waiting)
     rate = None
     loops = [loop]
     if args.rate_prompts:
         from .rate import Against, RateConfig, RateSession
 
         against = None
-        if args.rate_against:  # a second engine on its own thread; it shares the cores, not the KV memory
-            other, other_tok = load_for_inference(args.rate_against)
-            if args.quantize:  # the same weights' format on both sides
-                quantize_model(other, args.quantize)
-            optimize_for_decode(other)
-            loops.append(EngineLoop(Engine(other, tokenizer=other_tok, max_batch=args.max_batch,
-                                           kv_memory_gib=args.kv_memory), max_waiting=args.max_waiting))  # fmt: skip
-            against = Against(loops[-1], other_tok)
+        if args.rate_against:  # a second engine on its own thread, with the same options; it shares the cores
+            other, other_tok = _engine_loop(args.rate_against, args)
+            loops.append(other)
+            against = Against(other, other_tok)
         ta, tb = temperatures
         rate = RateSession(loop, tok, RateConfig(args.rate_prompts, Path(args.rate_out), args.rate_n, ta, tb,
                                                  policy=source, against=args.rate_against), against)  # fmt: skip
@@ -120,6 +104,24 @@ def serve(args: argparse.Namespace) -> None:
     finally:  # drained (or a second Ctrl-C): whatever still runs is cancelled, the engine threads stop
         for each in loops:
             each.close()
+
+
+def _engine_loop(source: str, args: argparse.Namespace, *, verbose: bool = False):
+    """(an EngineLoop over MODEL with the command's --quantize, --kv, --max-batch, --kv-memory, --max-waiting, its
+    tokenizer)."""
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.engine_loop import EngineLoop
+    from lmforge.infer.fastpath import optimize_for_decode
+    from lmforge.infer.loading import load_for_inference
+    from lmforge.infer.quantize import quantize_model
+
+    model, tok = load_for_inference(source)
+    if args.quantize:
+        quantize_model(model, args.quantize)
+    optimize_for_decode(model)
+    engine = Engine(model, tokenizer=tok, kv_dtype="int8" if args.kv == "int8" else None, max_batch=args.max_batch,
+                    kv_memory_gib=args.kv_memory, verbose=verbose)  # fmt: skip
+    return EngineLoop(engine, max_waiting=args.max_waiting), tok
 
 
 def _serve_replicas(args: argparse.Namespace) -> None:
