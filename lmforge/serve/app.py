@@ -131,7 +131,10 @@ def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | No
 
     @app.get("/rate/next")
     async def rate_next(rater: str | None = None):
-        return await rating().next_pair(rater_of(rater))
+        try:
+            return await rating().next_pair(rater_of(rater))
+        except UserError as e:  # a prompt the model cannot take: one line, not a 500
+            raise APIError(400, str(e), param="prompt") from None
 
     @app.post("/rate/vote")
     async def rate_vote(request: Request):

@@ -35,6 +35,8 @@ from lmforge.align.preferences import (
     read_records,
     shown_left,
 )
+from lmforge.config import UserError
+from lmforge.infer.context import context_limit
 from lmforge.infer.sampling import SamplingParams
 
 SIDES = {"left", "right", "tie", "both_bad", "skip"}
@@ -115,8 +117,13 @@ class RateSession:
         handles = []
         for (loop, tok), s, t in zip(sides, seeds, (cfg.temperature_a, cfg.temperature_b)):
             prompt = tok.render_chat(item.messages, add_generation_prompt=True)[0]
-            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=t, seed=s,
-                                    stop_ids=tuple(tok.stop_ids))  # fmt: skip
+            limit = context_limit(loop.engine.cfg) or loop.engine.pool.capacity_tokens
+            if len(prompt) >= limit:
+                raise UserError(f"prompt {i} has {len(prompt)} tokens, past the model's context of {limit}: "
+                                "give shorter prompts")  # fmt: skip
+            # as long a reply as asked for, cut to what the model's context leaves after the prompt
+            params = SamplingParams(max_new_tokens=min(cfg.max_new_tokens, limit - len(prompt)), temperature=t,
+                                    seed=s, stop_ids=tuple(tok.stop_ids))  # fmt: skip
             handles.append(loop.submit(prompt, params))
         texts = [(await h.aresult()).texts[0] for h in handles]
         return Pair(i, item.text, item.messages, texts[0], texts[1], seeds[0], seeds[1], cfg.temperature_a,

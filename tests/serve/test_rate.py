@@ -101,3 +101,15 @@ def test_rate_against_without_prompts_is_one_line(capsys):
     assert main(["serve", "no/such/model", "--rate-against", "other/model"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--rate-prompts" in err and "\n" not in err
+
+
+def test_replies_are_cut_to_the_context_and_a_prompt_past_it_is_a_400(model, tok, tmp_path):  # noqa: F811
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "What is 2 + 3?"}) + "\n" + json.dumps({"prompt": "hello " * 40}) + "\n")
+    cfg = RateConfig(str(path), tmp_path / "prefs.jsonl", n_prompts=2, max_new_tokens=500)  # past the 128 context
+    with serving(model, tok, rate=cfg) as (url, _):
+        first = httpx.get(f"{url}/rate/next", timeout=30)
+        assert first.status_code == 200 and first.json()["prompt_index"] == 0
+        httpx.post(f"{url}/rate/vote", json={"prompt_index": 0, "side": "tie"}).raise_for_status()
+        second = httpx.get(f"{url}/rate/next", timeout=30)
+        assert second.status_code == 400 and "past the model's context" in second.json()["error"]["message"]
