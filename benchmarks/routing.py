@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import signal
@@ -39,7 +38,7 @@ import httpx
 import torch
 
 from benchmarks.harness import environment, format_environment, report_rows
-from benchmarks.serving import free_port, pct, wait_healthy
+from benchmarks.serving import free_port, pct, sse_chunks, wait_healthy
 from lmforge.serve.policies import POLICIES
 
 USERS, ROUNDS, REPLY, QUESTION_WORDS = 32, 6, 64, 32  # a question ~200 tokens: code pasted in
@@ -140,18 +139,13 @@ async def chat_workload(url: str, seed: int) -> tuple[list[float], int, float]:
             body = {"model": "m", "messages": messages, "max_tokens": REPLY, "temperature": 0, "ignore_eos": True,
                     "stream": True, "stream_options": {"include_usage": True}, "user": name}  # fmt: skip
             sent, first, reply = time.perf_counter(), None, []
-            async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as answer:
-                answer.raise_for_status()
-                async for line in answer.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    chunk = json.loads(line[6:])
-                    for c in chunk.get("choices", []):
-                        if c["delta"].get("content"):
-                            first = first or time.perf_counter()
-                            reply.append(c["delta"]["content"])
-                    if chunk.get("usage"):
-                        tokens += chunk["usage"]["completion_tokens"]
+            async for chunk in sse_chunks(client, f"{url}/v1/chat/completions", body):
+                for c in chunk.get("choices", []):
+                    if c["delta"].get("content"):
+                        first = first or time.perf_counter()
+                        reply.append(c["delta"]["content"])
+                if chunk.get("usage"):
+                    tokens += chunk["usage"]["completion_tokens"]
             ttfts.append((first or time.perf_counter()) - sent)
             messages.append({"role": "assistant", "content": "".join(reply)})
             await asyncio.sleep(urng.expovariate(1 / THINK))  # a person reads the reply: users fall out of step

@@ -96,6 +96,15 @@ def in_process(loop, work: list[Request]) -> Result:
     return res
 
 
+async def sse_chunks(client, url: str, body: dict):
+    """The parsed `data: {...}` chunks of a streamed OpenAI request, as they arrive (`[DONE]` ends it)."""
+    async with client.stream("POST", url, json=body) as answer:
+        answer.raise_for_status()
+        async for line in answer.aiter_lines():
+            if line.startswith("data: {"):
+                yield json.loads(line[6:])
+
+
 async def over_http(url: str, name: str, work: list[Request]) -> Result:
     """Streamed completions; tokens counted from the usage chunk (a chunk may hold several tokens)."""
     import httpx
@@ -105,16 +114,11 @@ async def over_http(url: str, name: str, work: list[Request]) -> Result:
         body = {"model": name, "prompt": r.prompt, "max_tokens": r.max_tokens, "temperature": 0, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
         sent, times, tokens = time.perf_counter(), [], None
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as answer:
-            answer.raise_for_status()
-            async for line in answer.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
-                    times.append(time.perf_counter())
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
+        async for chunk in sse_chunks(client, f"{url}/v1/completions", body):
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                times.append(time.perf_counter())
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
         return sent, times, tokens if tokens is not None else len(times)
 
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:

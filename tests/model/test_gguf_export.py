@@ -6,9 +6,7 @@ What llama.cpp's llama architecture cannot express is refused in one line."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import time
 
 import httpx
 import pytest
@@ -81,6 +79,7 @@ def test_what_llama_cpp_cannot_express_is_refused_in_one_line(tok, tmp_path):
 
 def test_llama_server_generates_the_source_greedy_tokens(tok, tmp_path):
     from benchmarks import llama_cpp
+    from benchmarks.serving import free_port, wait_healthy
     from lmforge.infer.generate import generate_stream
     from lmforge.infer.sampling import SamplingParams
 
@@ -91,21 +90,12 @@ def test_llama_server_generates_the_source_greedy_tokens(tok, tmp_path):
     path = save_gguf(model, tok, tmp_path / "m.gguf")
     prompt = tok.encode("def parse(text):")
     ours = list(generate_stream(model, prompt, SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [str(bin_dir / "llama-server"), "-m", str(path), "--port", str(port), "-t", "2", "-c", "64", "--no-webui"]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline and server.poll() is None, "llama-server did not start"
-            time.sleep(0.2)
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, server, "llama-server", timeout=60)
         body = {"prompt": prompt, "n_predict": 8, "temperature": 0, "top_k": 1, "ignore_eos": True,
                 "return_tokens": True, "cache_prompt": False}  # fmt: skip
         answer = httpx.post(f"{url}/completion", json=body, timeout=60).json()
