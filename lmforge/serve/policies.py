@@ -116,10 +116,11 @@ class CacheAware(Policy):
             out.append(int.from_bytes(h, "big"))
         return out
 
-    def matched_chars(self, replica: str, text: str) -> int:
-        """How much of `text`'s beginning the replica's tree holds (to block granularity)."""
+    def matched_chars(self, replica: str, text: str, paths: list[int] | None = None) -> int:
+        """How much of `text`'s beginning the replica's tree holds (to block granularity); `paths`: the text's
+        `_paths`, when already hashed."""
         tree, n = self.trees[replica], 0
-        for node in self._paths(text):
+        for node in self._paths(text) if paths is None else paths:
             if node not in tree:
                 break
             n += 1
@@ -132,8 +133,10 @@ class CacheAware(Policy):
     def choose(self, route, load):
         if len(load) == 1 or self.imbalanced(load):
             return least_loaded(load)
-        best = max(load, key=lambda r: (self.matched_chars(r, route.text), -load[r]))
-        if route.text and self.matched_chars(best, route.text) > self.cache_threshold * len(route.text):
+        paths = self._paths(route.text)  # hashed once, matched against every tree
+        matched = {r: self.matched_chars(r, route.text, paths) for r in load}
+        best = max(load, key=lambda r: (matched[r], -load[r]))
+        if route.text and matched[best] > self.cache_threshold * len(route.text):
             return best
         return min(load, key=lambda r: (len(self.trees[r]), load[r], r))
 
