@@ -48,6 +48,10 @@ class GRPOConfig:
     # published algorithm and the one lmforge's recorded RLHF figures used (TRL defaults to dapo).
     loss_type: str = "grpo"
     scale_rewards: str = "group"  # advantages ÷ the group's reward std | batch | none (Dr. GRPO)
+    # k3 × ρ (ρ = π/π_old, differentiable): the KL term's gradient becomes the unbiased reverse-KL gradient
+    # (DeepSeek-V3.2, 2025, eq. 7; TRL's use_bias_correction_kl, on by default there). It changes the gradient even
+    # on-policy, where ρ = 1; off here so the recorded GRPO figures stay reproducible.
+    kl_ratio_correction: bool = False
     eval_n: int = 200  # held-out prompts, greedy, at every eval
     seed: int = 0
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -79,11 +83,12 @@ class GroupBatch:
 
 
 def grpo_loss(beta: float, clip: float, temperature: float = 1.0, loss_type: str = "grpo",
-              max_new_tokens: int | None = None):  # fmt: skip
+              max_new_tokens: int | None = None, kl_ratio_correction: bool = False):  # fmt: skip
     """−(1/G)Σ_i (1/|o_i|) Σ_t [min(ρ·Â_i, clip(ρ)·Â_i) − β·k3_t] (Shao et al. 2024, eq. 3) for loss_type="grpo";
     "dapo" averages the token terms over every token of the batch, "dr_grpo" sums them and divides by
-    responses × max_new_tokens. Every log-prob at the rollouts' sampling temperature. The clip fraction counts the
-    tokens where the clip binds: ρ > 1 + ε with Â > 0, or ρ < 1 − ε with Â < 0."""
+    responses × max_new_tokens. `kl_ratio_correction`: β·ρ·k3_t instead of β·k3_t. Every log-prob at the rollouts'
+    sampling temperature. The clip fraction counts the tokens where the clip binds: ρ > 1 + ε with Â > 0, or
+    ρ < 1 − ε with Â < 0."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
 
@@ -95,7 +100,7 @@ def grpo_loss(beta: float, clip: float, temperature: float = 1.0, loss_type: str
         metrics = dict(b.metrics)
         if b.ref_logp is not None:
             kl = kl_k3(logp, b.ref_logp)
-            objective = objective - beta * kl
+            objective = objective - beta * (kl * ratio if kl_ratio_correction else kl)
             metrics["kl"] = masked_mean(kl, b.mask).item()
         if loss_type == "grpo":
             loss = -masked_mean(objective, b.mask, dim=1).mean()
@@ -154,7 +159,7 @@ def run(cfg: GRPOConfig) -> RunDir:
         return {"heldout_accuracy": result["accuracy"]}
 
     print(f"GRPO on {task.spec()}: {cfg.prompts_per_step} prompts × {cfg.n} samples a rollout; base {cfg.base}")
-    loss_fn = grpo_loss(cfg.beta, cfg.clip, cfg.temperature, cfg.loss_type, cfg.max_new_tokens)
+    loss_fn = grpo_loss(cfg.beta, cfg.clip, cfg.temperature, cfg.loss_type, cfg.max_new_tokens, cfg.kl_ratio_correction)
     trainer = Trainer(policy, cfg.train, run_dir, batch_fn=batch_fn, loss_fn=loss_fn, eval_fn=eval_fn,
                       tokens_fn=lambda b: int(b.mask.sum()), resume=cfg.resume)  # fmt: skip
     trainer.fit()
