@@ -112,14 +112,17 @@ class Transformer(nn.Module):
         cache: Cache | None = None,
         attn_mask: torch.Tensor | None = None,
         return_hidden: bool = False,
+        logits_at: torch.Tensor | None = None,
     ):
         """idx [B, T] token ids. positions [B, T]: each token's position (default: after what the cache holds,
         else 0..T-1). attn_mask [B, T] bool: False marks padding; or [B, T, T] bool: key j is visible to query i
         (documents packed into one row: with positions restarting at each, every document sees only itself), on
-        top of causality by position. cache: a `lmforge.model.cache.Cache`.
+        top of causality by position. cache: a `lmforge.model.cache.Cache`. logits_at [B, T] bool: the LM head runs
+        only where it is True (a fine-tuning loss on the answers' tokens needs no logits elsewhere, and at a 49k
+        vocabulary the head and its softmax are a good part of a step), and the logits are [N, vocab] in order.
         Returns logits [B, T, vocab] (fp32-accumulated in the model's dtype), or (logits, hidden)."""
         hidden = self.hidden_states(idx, positions=positions, cache=cache, attn_mask=attn_mask)
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden if logits_at is None else hidden[logits_at])
         return (logits, hidden) if return_hidden else logits
 
     def hidden_states(self, idx, *, positions=None, cache=None, attn_mask=None) -> torch.Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.align.sft import SFTConfig, masked_lm_loss, pack
+from lmforge.align.sft import SFTConfig, masked_lm_loss, pack, sft_flops_per_token
 from lmforge.config import load_config
 from lmforge.model import ModelConfig, Transformer
 
@@ -21,6 +21,14 @@ def test_masked_loss_is_the_mean_over_assistant_targets_only():
     picked = [-logp[b, t - 1, rows[b, t]] for b in range(2) for t in range(1, 7) if masks[b, t]]
     expected = torch.stack(picked).mean()  # by hand: targets at masked positions, predicted one step earlier
     torch.testing.assert_close(masked_lm_loss(model, (rows, masks)), expected)
+
+
+def test_sft_flops_count_the_head_where_it_runs_and_no_weight_gradients_under_lora():
+    cfg = ModelConfig(vocab_size=1000, max_seq_len=64, n_layer=2, d_model=32, n_head=4)
+    head, blocks = 1000 * 32, cfg.param_counts()["blocks"]
+    assert sft_flops_per_token(cfg, 64, 1.0, frozen=False) == cfg.flops_per_token(64)  # PaLM's 6·N + attention
+    attention = cfg.flops_per_token(64) - 6 * (blocks + head)
+    assert sft_flops_per_token(cfg, 64, 0.25, frozen=True) == 4 * (blocks + 0.25 * head) + attention
 
 
 def test_packing_cuts_one_stream_and_padding_keeps_one_conversation_per_row():

@@ -183,6 +183,23 @@ def test_return_hidden_feeds_the_head():
     torch.testing.assert_close(model.lm_head(hidden), logits)
 
 
+def test_logits_at_runs_the_head_only_where_asked_and_gives_the_same_logits_and_gradients():
+    torch.manual_seed(0)
+    model = Transformer(tiny(position="rope")).train()
+    idx = torch.randint(0, 61, (3, 11))
+    where = torch.rand(3, 11) < 0.3
+    full = model(idx)
+    (full[where].square().sum()).backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    picked = model(idx, logits_at=where)
+    assert picked.shape == (int(where.sum()), 61)
+    torch.testing.assert_close(picked, full[where])
+    picked.square().sum().backward()
+    for got, want in zip([p.grad for p in model.parameters()], expected):
+        torch.testing.assert_close(got, want)
+
+
 def test_gpt2_init_scales_residual_projections():
     cfg = ModelConfig(vocab_size=100, d_model=256, n_layer=8, n_head=4)
     model = Transformer(cfg)
