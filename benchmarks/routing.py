@@ -5,18 +5,20 @@ Workload (seeded): USERS users × ROUNDS rounds of chat; every conversation star
 prompt and grows by a user message (~200 tokens: code pasted in) and the model's reply (greedy, REPLY tokens,
 `ignore_eos`) each round; users run concurrently, each asking again a random think time (mean THINK s) after its
 reply is in, and each names itself in `user` (what the session policy hashes). Each replica's KV memory holds
-about half of the live histories at their longest, so a policy that spreads a user's rounds over both replicas
-evicts what it will need again. Per policy and seed (replicas restarted, caches empty): the prefix-cache hit
-rate (prompt tokens served from the cache ÷ prompt tokens, from the replicas' /metrics), TTFT p50/p95, output
-tok/s, and the load imbalance (requests on the busier replica ÷ the mean). The model: random weights of a small
-Llama-style shape (the hit rate and its effect on TTFT do not depend on what the weights say), a char tokenizer.
+about half of the live histories (`--kv-at mean`, the default: half the users' histories at their mean length over
+the run; `--kv-at longest`: at their length in the last round, so the KV holds all of them for the first half of
+the run), so a policy that spreads a user's rounds over both replicas evicts what it will need again. Per policy
+and seed (replicas restarted, caches empty): the prefix-cache hit rate (prompt tokens served from the cache ÷
+prompt tokens, from the replicas' /metrics), TTFT p50/p95, output tok/s, and the load imbalance (requests on the
+busier replica ÷ the mean). The model: random weights of a small Llama-style shape (the hit rate and its effect on
+TTFT do not depend on what the weights say), a char tokenizer.
 
 Kill: round_robin, replicas with --max-batch 2, 16 long streams; replica A is SIGKILLed while it holds ≥ 8 requests
 (2 streaming, the rest queued): requests that failed, and whether each had started streaming.
 Router overhead: one request at a time (max_tokens 1, not streamed), direct to a replica and through the router,
 interleaved: latency p50/p99 of each and their difference.
 
-    python -m benchmarks.routing                  # ~6-8 min on 2 cores
+    python -m benchmarks.routing                  # ~6-8 min on 2 cores (Zen 4), ~25 min with 3 seeds
     python -m benchmarks.routing --seeds 3 --record
 """
 
@@ -72,12 +74,14 @@ def make_run(folder: Path) -> Path:
     return folder
 
 
-def kv_gib_for_half_the_histories() -> float:
-    """KV bytes of half the users' conversations at their longest (fp32: 2 × layers × kv heads × head dim × 4)."""
+def kv_gib_for_half_the_histories(at: str = "mean") -> float:
+    """KV bytes of half the users' conversations (fp32: 2 × layers × kv heads × head dim × 4) at their length in
+    the last round ("longest") or averaged over the rounds ("mean": what is live through the run)."""
     question = len(user_message(random.Random(0), 0))
-    longest = len(SYSTEM) + ROUNDS * (question + REPLY + 8)  # chars = tokens (char tokenizer), template tokens too
+    per_round = question + REPLY + 8  # chars = tokens (char tokenizer), template tokens too
+    rounds = ROUNDS if at == "longest" else (ROUNDS + 1) / 2
     per_token = 2 * 6 * 2 * 64 * 4
-    return USERS / 2 * longest * per_token / 2**30
+    return USERS / 2 * (len(SYSTEM) + rounds * per_round) * per_token / 2**30
 
 
 def user_message(rng: random.Random, turn: int) -> str:
@@ -242,6 +246,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--policies", default="round_robin,least_loaded,session,cache_aware")
+    ap.add_argument("--kv-at", choices=("mean", "longest"), default="mean",
+                    help="size each replica's KV for half the histories at their mean length over the run (default) "
+                         "or at their longest")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, round_robin and cache_aware")
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args()
@@ -252,10 +259,10 @@ def main() -> int:
     if unknown:
         ap.error(f"--policies: {', '.join(unknown)} unknown; choose from {', '.join(POLICIES)}")
     with tempfile.TemporaryDirectory() as tmp:
-        run, kv = make_run(Path(tmp) / "run"), kv_gib_for_half_the_histories()
+        run, kv = make_run(Path(tmp) / "run"), kv_gib_for_half_the_histories(args.kv_at)
         print(format_environment(environment()))
         print(f"{USERS} users × {ROUNDS} rounds, system prompt {len(SYSTEM)} tokens, replies {REPLY} tokens; 2 "
-              f"replicas × 1 thread, KV {kv * 1024:.0f} MiB each (about half the histories); "
+              f"replicas × 1 thread, KV {kv * 1024:.0f} MiB each (half the histories at their {args.kv_at} length); "
               f"seeds 0..{args.seeds - 1}")  # fmt: skip
         results: dict[str, list[dict]] = {p: [] for p in policies}
         for seed in range(args.seeds):
@@ -291,7 +298,8 @@ def main() -> int:
                      f"{gain * 1e3:.0f} ms vs {spread * 1e3:.0f} ms ({verdict})"))  # fmt: skip
     rows.append(("routing: a replica SIGKILLed mid-run (round_robin, max batch 2, 16 streams)", kill))
     rows.append(("routing: the router's added latency per request (max_tokens 1)", overhead))
-    report_rows(rows, prefix="2 replicas × 1 thread", save=args.record)
+    prefix = f"2 replicas × 1 thread, KV for half the histories at their {args.kv_at} length"
+    report_rows(rows, prefix=prefix, save=args.record)
     return 0
 
 
