@@ -160,8 +160,8 @@ async def chat_workload(url: str, seed: int) -> tuple[list[float], int, float]:
         return ttfts, tokens, time.perf_counter() - start_time
 
 
-def one_policy(run: Path, kv: float, policy: str, seed: int) -> dict:
-    procs, urls = replicas(run, kv)
+def one_policy(run: Path, kv: float, policy: str, seed: int, max_batch: int) -> dict:
+    procs, urls = replicas(run, kv, max_batch)
     rproc, rurl = router(urls, policy)
     try:
         ttfts, tokens, wall = asyncio.run(chat_workload(rurl, seed))
@@ -249,6 +249,7 @@ def main() -> int:
     ap.add_argument("--kv-at", choices=("mean", "longest"), default="mean",
                     help="size each replica's KV for half the histories at their mean length over the run (default) "
                          "or at their longest")  # fmt: skip
+    ap.add_argument("--max-batch", type=int, default=16, help="each replica's --max-batch in the policy runs")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, round_robin and cache_aware")
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args()
@@ -262,12 +263,13 @@ def main() -> int:
         run, kv = make_run(Path(tmp) / "run"), kv_gib_for_half_the_histories(args.kv_at)
         print(format_environment(environment()))
         print(f"{USERS} users × {ROUNDS} rounds, system prompt {len(SYSTEM)} tokens, replies {REPLY} tokens; 2 "
-              f"replicas × 1 thread, KV {kv * 1024:.0f} MiB each (half the histories at their {args.kv_at} length); "
+              f"replicas × 1 thread, --max-batch {args.max_batch}, KV {kv * 1024:.0f} MiB each (half the histories at "
+              f"their {args.kv_at} length); "
               f"seeds 0..{args.seeds - 1}")  # fmt: skip
         results: dict[str, list[dict]] = {p: [] for p in policies}
         for seed in range(args.seeds):
             for policy in policies:
-                results[policy].append(one_policy(run, kv, policy, seed))
+                results[policy].append(one_policy(run, kv, policy, seed, args.max_batch))
                 r = results[policy][-1]
                 print(f"  seed {seed} {policy:>12}: hit {r['hit']:.1%}, TTFT p50/p95 {r['ttft50'] * 1e3:.0f}/"
                       f"{r['ttft95'] * 1e3:.0f} ms, {r['tok_s']:.1f} tok/s, imbalance {r['imbalance']:.2f}",
@@ -298,7 +300,8 @@ def main() -> int:
                      f"{gain * 1e3:.0f} ms vs {spread * 1e3:.0f} ms ({verdict})"))  # fmt: skip
     rows.append(("routing: a replica SIGKILLed mid-run (round_robin, max batch 2, 16 streams)", kill))
     rows.append(("routing: the router's added latency per request (max_tokens 1)", overhead))
-    prefix = f"2 replicas × 1 thread, KV for half the histories at their {args.kv_at} length"
+    prefix = (f"2 replicas × 1 thread, max batch {args.max_batch}, KV for half the histories at their {args.kv_at} "
+              "length")  # fmt: skip
     report_rows(rows, prefix=prefix, save=args.record)
     return 0
 

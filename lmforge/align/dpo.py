@@ -126,11 +126,11 @@ def run(cfg: DPOConfig) -> RunDir:
     tcfg = cfg.train
     loss_fn = dpo_batch_loss(cfg, tokenizer, max_len)
 
-    def batch_fn(step: int, micro: int, n_micro: int):
+    def batch_fn(step: int, part: int, n_parts: int):
         rng = random.Random(cfg.seed * 1_000_003 + step)
         idx = rng.sample(range(len(train_pairs)), min(tcfg.batch_size, len(train_pairs)))
-        per = len(idx) // n_micro
-        idx = idx[micro * per : (micro + 1) * per]
+        per = len(idx) // n_parts  # this part's share: the loop's parts span ranks and micro-batches
+        idx = idx[part * per : (part + 1) * per]
         return collate(tokenizer, [train_pairs[i] for i in idx], max_len), ref_train[idx]
 
     @torch.no_grad()

@@ -23,7 +23,7 @@ from lmforge.train.loop import TrainConfig, Trainer, seed_everything
 from .lora import LoRAConfig, apply_lora, finish_lora_run
 from .losses import group_advantages, kl_k3, masked_mean, token_logprobs
 from .rollout import prompt_pool, rl_train_config, rollout
-from .stage import check_config, check_pool, config_examples, create_run, frozen_reference, load_base
+from .stage import check_config, check_pool, config_examples, create_run, frozen_reference, load_base, one_process
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 
@@ -116,6 +116,7 @@ def grpo_loss(beta: float, clip: float, temperature: float = 1.0, loss_type: str
 
 
 def run(cfg: GRPOConfig) -> RunDir:
+    one_process("grpo")
     seed_everything(cfg.train.seed)  # before any weights are made: the same seed reproduces the run
     from lmforge.data.tasks import get_task
     from lmforge.train.task_eval import evaluate_tasks

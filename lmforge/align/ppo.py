@@ -42,7 +42,7 @@ from .losses import (
     ppo_value_loss,
 )
 from .rollout import prompt_pool, rl_train_config, rollout
-from .stage import check_config, check_pool, config_examples, create_run, frozen_reference, load_base
+from .stage import check_config, check_pool, config_examples, create_run, frozen_reference, load_base, one_process
 
 
 class PolicyWithValue(nn.Module):
@@ -199,6 +199,7 @@ def reward_scale(policy, tokenizer, reward_model, pool: list, cfg: PPOConfig, n:
 
 
 def run(cfg: PPOConfig) -> RunDir:
+    one_process("ppo")
     seed_everything(cfg.train.seed)  # before any weights are made: the same seed reproduces the run
     from lmforge.data.tasks import get_task
     from lmforge.train.checkpoint import save_checkpoint

@@ -132,11 +132,11 @@ def run(cfg: RewardConfig) -> RunDir:
     run_dir = create_run(cfg, tokenizer)
     tcfg = cfg.train
 
-    def batch_fn(step: int, micro: int, n_micro: int) -> PairBatch:
+    def batch_fn(step: int, part: int, n_parts: int) -> PairBatch:
         rng = random.Random(cfg.seed * 1_000_003 + step)  # a step's batch depends on the step only: exact resume
         chosen = rng.sample(range(len(train_pairs)), min(tcfg.batch_size, len(train_pairs)))
-        per = len(chosen) // n_micro
-        return collate(tokenizer, [train_pairs[i] for i in chosen[micro * per : (micro + 1) * per]], max_len)
+        per = len(chosen) // n_parts  # this part's share: the loop's parts span ranks and micro-batches
+        return collate(tokenizer, [train_pairs[i] for i in chosen[part * per : (part + 1) * per]], max_len)
 
     print(f"reward model on {len(train_pairs):,} pairs ({len(val_pairs):,} held out by prompt); base {cfg.base}")
     trainer = Trainer(model, tcfg, run_dir, batch_fn=batch_fn, loss_fn=pair_loss(cfg.margin, cfg.center),

@@ -180,16 +180,15 @@ def run(cfg: SFTConfig) -> RunDir:
             raise FileExistsError(f"{run_dir.path} is a finished LoRA run (its last checkpoint is merged): "
                                   "start a new run with base=" + str(run_dir.path))  # fmt: skip
     tcfg = cfg.train
-    micro_rows = tcfg.micro_batch_size or tcfg.batch_size
 
-    def batch_fn(step: int, micro: int, n_micro: int):
-        # A fixed permutation per epoch, the same whatever the micro-batching (exact resume needs only step).
+    def batch_fn(step: int, part: int, n_parts: int):
+        # A fixed permutation per epoch, the same whatever the ranks and micro-batches (exact resume needs only
+        # step); the step's batch_size rows are consecutive in it, and this part is its share of them.
         per_epoch = len(train_rows[0]) // tcfg.batch_size or 1
         epoch, k = divmod(step, per_epoch)
         order = torch.randperm(len(train_rows[0]), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        idx = order[(k * tcfg.batch_size + micro * micro_rows) % len(order) :][:micro_rows]
-        if len(idx) < micro_rows:  # fewer rows than a batch: wrap around
-            idx = order[torch.arange(micro_rows) % len(order)]
+        rows = tcfg.batch_size // n_parts
+        idx = order[(k * tcfg.batch_size + part * rows + torch.arange(rows)) % len(order)]  # wraps if data is short
         return train_rows[0][idx], train_rows[1][idx], train_rows[2][idx]
 
     def eval_fn(m) -> dict[str, float]:

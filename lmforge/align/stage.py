@@ -8,8 +8,17 @@ held = config_examples(task, "heldout", cfg.eval_n, cfg.seed, "eval_n")   # too 
 
 from __future__ import annotations
 
-from lmforge.config import ConfigError
+import os
+
+from lmforge.config import ConfigError, UserError
 from lmforge.runs import RunDir
+
+
+def one_process(stage: str) -> None:
+    """RL stages roll out on one process: under torchrun every rank would sample and train on the same prompts."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"lmforge {stage} runs on one process (its rollouts are not sharded over ranks yet, so "
+                        "every rank would train on the same samples): run it without torchrun")  # fmt: skip
 
 
 def check_config(cfg) -> None:
@@ -56,10 +65,17 @@ def check_pool(pool: list, per_step: int, key: str, task) -> None:
 
 def create_run(cfg, tokenizer) -> RunDir:
     """The stage's run folder (resumed when `cfg.resume`), carrying its tokenizer — lmforge's or the imported
-    model's own, with its chat template — for the stages after it."""
-    run_dir = RunDir.create(cfg.runs_dir, cfg.name, cfg, resume=cfg.resume)
-    tokenizer.save(run_dir.path)
-    return run_dir
+    model's own, with its chat template — for the stages after it. Under torchrun rank 0 creates (and locks) it
+    and the other ranks open the folder rank 0 named; only rank 0 writes into it."""
+    from lmforge.train.distributed import environment, gather_objects
+
+    env = environment()
+    run_dir = None
+    if env.rank == 0:
+        run_dir = RunDir.create(cfg.runs_dir, cfg.name, cfg, resume=cfg.resume)
+        tokenizer.save(run_dir.path)
+    path, resumed = gather_objects((str(run_dir.path), run_dir.resumed) if run_dir else None, env)[0]
+    return run_dir or RunDir(path, resumed)
 
 
 def frozen_reference(policy, lora: bool, temperature: float = 1.0):

@@ -46,6 +46,7 @@ def build_app(loop: EngineLoop, tokenizer, *, model_name: str, api_key: str | No
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None)
     limit = context_limit(loop.engine.cfg) or loop.engine.pool.capacity_tokens
     metrics = Metrics()
+    metrics.max_batch.set(loop.engine.max_batch)  # a router reads it: past it, a request waits for a slot
     app.state.loop, app.state.tokenizer, app.state.model_name, app.state.metrics = loop, tokenizer, model_name, metrics
 
     @app.exception_handler(APIError)

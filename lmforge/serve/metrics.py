@@ -27,6 +27,7 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.running = Gauge("lmforge_requests_running", "requests decoding", registry=r)
         self.waiting = Gauge("lmforge_requests_waiting", "requests queued, no token yet", registry=r)
+        self.max_batch = Gauge("lmforge_max_batch", "requests the engine decodes at once (--max-batch)", registry=r)
         self.blocks_used = Gauge("lmforge_kv_blocks_used", "KV cache blocks in use", registry=r)
         self.blocks_total = Gauge("lmforge_kv_blocks_total", "KV cache blocks in all", registry=r)
         self.prefix_hits = Gauge(

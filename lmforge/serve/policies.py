@@ -16,9 +16,12 @@ is tested on scripted workloads.
   a request goes to the replica whose tree holds the longest prefix of its prompt if that prefix covers more than
   `cache_threshold` of it (0.5), else to the replica with the smallest tree (the most room); when imbalanced (the
   busiest has more than `balance_abs` (32) requests above the idlest and more than `balance_rel` (1.0001) times its
-  load), to the least loaded. The tree works at `block_chars` granularity and is stored as the hashes of its
-  root-to-node paths (each hash names one tree node, as vLLM names KV blocks), in LRU order, at most `max_blocks`
-  per replica: bounded memory, O(prompt length / block_chars) per request.
+  load), to the least loaded. Unlike SGLang's router, which has no notion of a replica's batch, a replica that is
+  full (its load at its `--max-batch`, read from its /metrics) is passed over while another has a free slot:
+  waiting for a slot costs a whole reply's decoding, recomputing a prefix one prefill. The tree works at
+  `block_chars` granularity and is stored as the hashes of its root-to-node paths (each hash names one tree node,
+  as vLLM names KV blocks), in LRU order, at most `max_blocks` per replica: bounded memory, O(prompt length /
+  block_chars) per request.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class Policy:
         if not replicas:
             raise ValueError("a router needs at least one --backend")
         self.replicas = list(replicas)
+        self.capacity: dict[str, int] = {}  # requests each replica decodes at once, when the router has read it
 
     def choose(self, route: Route, load: dict[str, int]) -> str:
         """One of `load`'s keys (the healthy, routable replicas, with their loads)."""
@@ -133,12 +137,14 @@ class CacheAware(Policy):
     def choose(self, route, load):
         if len(load) == 1 or self.imbalanced(load):
             return least_loaded(load)
+        # a full replica (load at its batch) is passed over while another has a free slot
+        room = {r: n for r, n in load.items() if n < self.capacity.get(r, 1 << 30)} or load
         paths = self._paths(route.text)  # hashed once, matched against every tree
-        matched = {r: self.matched_chars(r, route.text, paths) for r in load}
-        best = max(load, key=lambda r: (matched[r], -load[r]))
+        matched = {r: self.matched_chars(r, route.text, paths) for r in room}
+        best = max(room, key=lambda r: (matched[r], -room[r]))
         if route.text and matched[best] > self.cache_threshold * len(route.text):
             return best
-        return min(load, key=lambda r: (len(self.trees[r]), load[r], r))
+        return min(room, key=lambda r: (len(self.trees[r]), room[r], r))
 
     def routed(self, replica, route):
         tree = self.trees[replica]

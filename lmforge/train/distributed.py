@@ -78,8 +78,48 @@ def resolve_parallel(parallel: str, env: DistEnv) -> str:
     return parallel
 
 
-def apply_parallel(model: nn.Module, parallel: str, env: DistEnv) -> nn.Module:
-    """DDP wraps the model; FSDP2 shards every block, then the root (parameters become DTensors)."""
+def tp_degree(parallel: str, tp: int | None, env: DistEnv) -> int:
+    """The tensor-parallel degree: every rank for parallel=tp, `tp` for fsdp+tp, 1 otherwise; a layout the ranks
+    cannot form is a one-line ConfigError."""
+    from lmforge.config import ConfigError
+
+    if parallel == "tp":
+        if tp not in (None, env.world_size):
+            raise ConfigError(f"train.parallel=tp splits the model over every rank ({env.world_size}), not tp={tp}: "
+                              "use train.parallel=fsdp+tp for data-parallel groups of tensor-parallel ranks",
+                              "tp")  # fmt: skip
+        return env.world_size
+    if parallel == "fsdp+tp":
+        if not tp or tp < 1 or env.world_size % tp:
+            raise ConfigError(f"train.parallel=fsdp+tp needs train.tp dividing the {env.world_size} ranks, got "
+                              f"tp={tp}", "tp")  # fmt: skip
+        return tp
+    return 1
+
+
+def data_coords(parallel: str, tp: int, env: DistEnv) -> tuple[int, int]:
+    """(this rank's data-parallel index, how many data-parallel groups): the ranks of one tensor-parallel group
+    (consecutive ranks, the inner dimension of the (dp, tp) mesh) train on the same rows."""
+    return env.rank // tp, env.world_size // tp
+
+
+def apply_parallel(model: nn.Module, parallel: str, env: DistEnv, tp: int = 1) -> nn.Module:
+    """DDP wraps the model; FSDP2 shards every block, then the root (parameters become DTensors); tp splits it
+    over a (dp, tp) mesh's tp dimension first (`lmforge.parallel.tensor`), then fsdp+tp shards that over dp."""
+    if parallel in ("tp", "fsdp+tp"):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from lmforge.parallel import tensor_parallel
+
+        mesh = init_device_mesh(env.device.type, (env.world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+        tensor_parallel(model, mesh["tp"])
+        if parallel == "fsdp+tp":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in getattr(model, "blocks", []):
+                fully_shard(block, mesh=mesh["dp"])
+            fully_shard(model, mesh=mesh["dp"])
+        return model
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 

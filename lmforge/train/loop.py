@@ -57,7 +57,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
     activation_checkpointing: bool = False  # sets each Block's `checkpoint` flag (the model has no setting of it)
-    parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    # tp: tensor parallel over every rank; fsdp+tp: FSDP over data-parallel groups of `tp` tensor-parallel ranks
+    parallel: Literal["auto", "none", "ddp", "fsdp", "tp", "fsdp+tp"] = "auto"
+    tp: int | None = None  # the tensor-parallel degree of fsdp+tp (parallel=tp: every rank)
     eval_every: int = 200
     log_every: int = 10
     checkpoint_every: int = 1000
@@ -131,7 +133,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 class Trainer:
     """Runs `cfg.steps` optimizer steps of `loss_fn(model, batch_fn(step, micro, n_micro))`.
 
-    batch_fn returns this rank's micro-batch (anything loss_fn understands); tokens_fn(batch) counts the
+    batch_fn(step, part, n_parts) returns part `part` of step `step`'s batch cut into n_parts equal parts, one per
+    micro-batch of every rank (n_parts = ranks × micro-batches; rank r trains parts r·n_micro … r·n_micro +
+    n_micro − 1), as anything loss_fn understands: a stage that cuts its step's batch by (part, n_parts) is
+    sharded over ranks without knowing of them, and a step's batch is the same on 1 process or on N ranks.
+    tokens_fn(batch) counts the
     tokens it trains on (for tokens/s and MFU); eval_fn(model) returns metrics to log; flops_per_token
     enables MFU.
 
@@ -159,11 +165,16 @@ class Trainer:
         self.env = dist_utils.environment()
         self.device = self.env.device
         self.precision = resolve_precision(cfg.precision, self.device)
-        world = self.env.world_size
+        self.parallel = dist_utils.resolve_parallel(cfg.parallel, self.env)
+        self.tp = dist_utils.tp_degree(self.parallel, cfg.tp, self.env)
+        # the ranks of a tensor-parallel group share their rows: data is cut over the data-parallel groups only
+        self.data_rank, self.data_world = dist_utils.data_coords(self.parallel, self.tp, self.env)
+        world = self.data_world
         micro = cfg.micro_batch_size or cfg.batch_size // world
         if cfg.batch_size % (micro * world):
             raise ValueError(
-                f"batch_size {cfg.batch_size} is not divisible by micro_batch_size {micro} × {world} ranks"
+                f"batch_size {cfg.batch_size} is not divisible by micro_batch_size {micro} × {world} data-parallel "
+                "ranks"
             )
         self.n_micro = cfg.batch_size // (micro * world)
         self.batch_fn, self.loss_fn, self.eval_fn, self.tokens_fn = batch_fn, loss_fn, eval_fn, tokens_fn
@@ -171,13 +182,12 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self._peak: float | None = None  # matmul peak for MFU, looked up at the first step
 
-        torch.manual_seed(cfg.seed + self.env.rank)
+        torch.manual_seed(cfg.seed + self.data_rank)  # a tensor-parallel group draws the same dropout masks
         if cfg.activation_checkpointing:
             for block in getattr(model, "blocks", []):
                 block.checkpoint = True
         self.raw_model = model.to(self.device)
-        self.parallel = dist_utils.resolve_parallel(cfg.parallel, self.env)
-        self.model = dist_utils.apply_parallel(self.raw_model, self.parallel, self.env)
+        self.model = dist_utils.apply_parallel(self.raw_model, self.parallel, self.env, self.tp)
         self.optimizer = make_optimizer(self.model, cfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         if cfg.compile:
@@ -212,7 +222,7 @@ class Trainer:
         self._log(f"resumed from {path} at step {self.step}")
 
     def save(self) -> None:
-        sharded = self.parallel == "fsdp"
+        sharded = self.parallel in ("fsdp", "tp", "fsdp+tp")  # parameters are DTensors: DCP writes their shards
         rngs = dist_utils.gather_objects(rng_state(), self.env)
         state = {
             "step": self.step,
@@ -278,7 +288,7 @@ class Trainer:
         self.model.train()
         total_loss, tokens, loss_tokens, extra = torch.zeros((), device=self.device), 0, 0, {}
         for micro in range(self.n_micro):
-            batch = self.batch_fn(self.step, micro, self.n_micro)
+            batch = self.batch_fn(self.step, self.data_rank * self.n_micro + micro, self.data_world * self.n_micro)
             tokens += self.tokens_fn(batch)
             weight = 1 / self.n_micro  # equal micro-batches: the mean of their means is the batch mean
             if self.loss_tokens_fn is not None:
@@ -300,7 +310,8 @@ class Trainer:
         if finite:
             self.scaler.unscale_(self.optimizer)
             if cfg.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # TP: a DTensor
             if self.scaler.is_enabled() or math.isfinite(grad_norm) or cfg.grad_clip <= 0:
                 self.scaler.step(self.optimizer)  # the scaler itself skips steps whose gradients hold inf
             else:
@@ -320,9 +331,9 @@ class Trainer:
     @torch.no_grad()
     def _normalise_by_tokens(self, loss_sum: float, count: int) -> float:
         """Divide the summed gradients by the step's loss tokens on all ranks; returns this rank's share of the
-        mean loss (the logged loss is its mean over ranks). DDP and FSDP average gradients over ranks, so the
-        factor is world / count."""
-        world = self.env.world_size
+        mean loss (the logged loss is its mean over ranks). DDP and FSDP average gradients over the data-parallel
+        ranks, so the factor is their number / count (a tensor-parallel group counts its shared rows once)."""
+        world = self.data_world
         total = dist_utils.mean(float(count), self.env) * world
         if total == 0:  # no loss token anywhere this step: nothing to learn, and no division by zero
             for p in self.model.parameters():
@@ -348,7 +359,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch_dtype(self.precision))
 
     def _speed(self, tokens: int, dt: float) -> dict[str, float]:
-        global_tokens = tokens * self.env.world_size
+        global_tokens = tokens * self.data_world
         out = {"tokens_per_s": global_tokens / dt, "step_time": dt}
         if self.flops_per_token:
             if self._peak is None:

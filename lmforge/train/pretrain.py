@@ -116,11 +116,10 @@ def run(cfg: PretrainConfig) -> RunDir:
     if env.rank == 0:  # the run carries its tokenizer, so sample/eval/export need only the run folder
         atomic_write_bytes(own, Path(data.tokenizer_path).read_bytes())
 
-    def batch_fn(step: int, micro: int, n_micro: int):
+    def batch_fn(step: int, part: int, n_parts: int):
         x, y = sample_batch(
-            data.train, step, batch_size=tcfg.batch_size, seq_len=seq_len, seed=tcfg.seed,
-            rank=env.rank, world_size=env.world_size, micro=micro, n_micro=n_micro,
-        )  # fmt: skip
+            data.train, step, batch_size=tcfg.batch_size, seq_len=seq_len, seed=tcfg.seed, micro=part, n_micro=n_parts
+        )  # the loop's parts already span the ranks
         return x.to(env.device), y.to(env.device)
 
     def eval_fn(m):

@@ -59,6 +59,17 @@ def test_cache_aware_spills_to_the_least_loaded_under_imbalance():
     assert p.choose(Route(SYSTEM + "more"), {A: 40, B: 30}) == A  # far apart in count, not in ratio
 
 
+def test_cache_aware_passes_over_a_full_replica_while_another_has_a_free_slot():
+    p = CacheAware([A, B])
+    p.routed(A, Route(SYSTEM))
+    assert p.choose(Route(SYSTEM + "more"), {A: 4, B: 0}) == A  # capacity unknown: the cache wins
+    p.capacity.update({A: 4, B: 4})
+    assert p.choose(Route(SYSTEM + "more"), {A: 3, B: 0}) == A  # a slot left on A: still A
+    assert p.choose(Route(SYSTEM + "more"), {A: 4, B: 3}) == B  # A full, B has room: B, though it misses
+    assert p.choose(Route(SYSTEM + "more"), {A: 4, B: 4}) == A  # both full: the cache again
+    assert p.choose(Route("no match anywhere, long enough"), {A: 4, B: 3}) == B  # no match: room first too
+
+
 def test_cache_aware_memory_is_bounded_and_evicts_leaves_first():
     p = CacheAware([A], block_chars=8, max_blocks=50)
     rng = random.Random(0)

@@ -76,6 +76,8 @@ def test_answers_through_the_router_equal_a_replicas_own(two):
         assert sum(sent(router).values()) == 5  # 2 completions, a chat, a stream, the refused one
         metrics = httpx.get(f"{url}/metrics").text
         assert f'lmforge_router_requests_total{{replica="{url_a}"}}' in metrics
+        # the health checks read each replica's batch (serving()'s max_batch=8) for cache_aware's spill
+        assert router.policy.capacity == {url_a: 8, url_b: 8}
 
 
 def test_32_concurrent_streams_through_the_router_all_finish(two):

@@ -27,15 +27,18 @@ def rows_and_masks():
 def main(out: str, parallel: str) -> None:
     from safetensors.torch import save_file
 
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
     rows, masks = rows_and_masks()
-    n = 4 // world
-    mine = (rows[rank * n : (rank + 1) * n], masks[rank * n : (rank + 1) * n])
+
+    def batch_fn(step, part, n_parts):
+        n = 4 // n_parts
+        return rows[part * n : (part + 1) * n], masks[part * n : (part + 1) * n]
+
     cfg = TrainConfig(steps=1, batch_size=4, lr=1e-2, precision="fp32", progress=False, parallel=parallel,
                       grad_clip=0.0, checkpoint_every=1000)  # fmt: skip
     run = RunDir(os.path.join(out, "run"))
     run.path.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(tiny_model(), cfg, run, batch_fn=lambda step, i, k: mine, loss_fn=masked_lm_loss,
+    trainer = Trainer(tiny_model(), cfg, run, batch_fn=batch_fn, loss_fn=masked_lm_loss,
                       loss_tokens_fn=lambda b: int(b[1][:, 1:].sum()))  # fmt: skip
     grads = {}
     trainer.optimizer.step = lambda: grads.update(

@@ -13,19 +13,18 @@ from lmforge.train.loop import TrainConfig, Trainer  # noqa: E402
 
 
 def main(out: str, parallel: str, steps: int, resume: bool) -> None:
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
     cfg = TrainConfig(steps=steps, batch_size=8, lr=1e-2, min_lr=1e-3, warmup_steps=1, precision="fp32",
                       log_every=1, progress=False, parallel=parallel, checkpoint_every=1000)  # fmt: skip
     run = RunDir(os.path.join(out, "run"))
     run.path.mkdir(parents=True, exist_ok=True)
     seen = []
-    inner = batch_fn_for(8, rank, world)
+    inner = batch_fn_for(8)
 
-    def batch_fn(step, micro, n_micro):
-        n = 8 // (world * n_micro)
-        first = (rank * n_micro + micro) * n
-        seen.extend((step, first + i) for i in range(n))
-        return inner(step, micro, n_micro)
+    def batch_fn(step, part, n_parts):
+        n = 8 // n_parts
+        seen.extend((step, part * n + i) for i in range(n))
+        return inner(step, part, n_parts)
 
     losses = []
 

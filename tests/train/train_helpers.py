@@ -1,5 +1,5 @@
-"""Shared pieces for the training-loop tests: a tiny model and a batch function with the loader's contract
-(a global batch per step, cut into rank × micro slices)."""
+"""Shared pieces for the training-loop tests: a tiny model and a batch function with the loop's contract
+(a global batch per step, cut into n_parts = ranks × micro-batches parts)."""
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +22,11 @@ def global_batch(step: int, batch_size: int):
     return seq[:, :-1], seq[:, 1:]
 
 
-def batch_fn_for(batch_size: int, rank: int = 0, world: int = 1):
-    def batch_fn(step, micro, n_micro):
+def batch_fn_for(batch_size: int):
+    def batch_fn(step, part, n_parts):
         x, y = global_batch(step, batch_size)
-        n = batch_size // (world * n_micro)
-        i = (rank * n_micro + micro) * n
-        return x[i : i + n], y[i : i + n]
+        n = batch_size // n_parts
+        return x[part * n : (part + 1) * n], y[part * n : (part + 1) * n]
 
     return batch_fn
 
