@@ -58,6 +58,11 @@ def tensor_parallel(model: nn.Module, mesh) -> nn.Module:
         parallelize_module,
     )
 
+    from lmforge.model import Transformer
+
+    if not isinstance(model, Transformer):  # a reward or value head reads the sequence-sharded hidden states
+        raise ConfigError(f"tensor parallelism splits a language model (pretraining, SFT, DPO), not a "
+                          f"{type(model).__name__}: use train.parallel=ddp or fsdp for it")  # fmt: skip
     check_tensor_parallel(model.cfg, mesh.size())
     tied = model.lm_head.weight is model.tok_emb.weight
     ffn_in = ["gate", "up"] if hasattr(model.blocks[0].ffn, "gate") else ["up"]

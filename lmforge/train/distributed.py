@@ -78,6 +78,14 @@ def resolve_parallel(parallel: str, env: DistEnv) -> str:
     return parallel
 
 
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every transformer block inside `model`, found by type: a reward model or PPO's policy-with-value holds its
+    Transformer as an attribute, so `model.blocks` would miss them (and FSDP and checkpointing do nothing)."""
+    from lmforge.model import Block
+
+    return [m for m in model.modules() if isinstance(m, Block)]
+
+
 def tp_degree(parallel: str, tp: int | None, env: DistEnv) -> int:
     """The tensor-parallel degree: every rank for parallel=tp, `tp` for fsdp+tp, 1 otherwise; a layout the ranks
     cannot form is a one-line ConfigError."""
@@ -116,7 +124,7 @@ def apply_parallel(model: nn.Module, parallel: str, env: DistEnv, tp: int = 1) -
         if parallel == "fsdp+tp":
             from torch.distributed.fsdp import fully_shard
 
-            for block in getattr(model, "blocks", []):
+            for block in transformer_blocks(model):
                 fully_shard(block, mesh=mesh["dp"])
             fully_shard(model, mesh=mesh["dp"])
         return model
@@ -130,7 +138,7 @@ def apply_parallel(model: nn.Module, parallel: str, env: DistEnv, tp: int = 1) -
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(env.device.type, (env.world_size,))
-        for block in getattr(model, "blocks", []):
+        for block in transformer_blocks(model):
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model

@@ -184,7 +184,7 @@ class Trainer:
 
         torch.manual_seed(cfg.seed + self.data_rank)  # a tensor-parallel group draws the same dropout masks
         if cfg.activation_checkpointing:
-            for block in getattr(model, "blocks", []):
+            for block in dist_utils.transformer_blocks(model):
                 block.checkpoint = True
         self.raw_model = model.to(self.device)
         self.model = dist_utils.apply_parallel(self.raw_model, self.parallel, self.env, self.tp)
@@ -360,7 +360,7 @@ class Trainer:
 
     def _speed(self, tokens: int, dt: float) -> dict[str, float]:
         global_tokens = tokens * self.data_world
-        out = {"tokens_per_s": global_tokens / dt, "step_time": dt}
+        out = {"tokens": global_tokens, "tokens_per_s": global_tokens / dt, "step_time": dt}  # tokens: all ranks
         if self.flops_per_token:
             if self._peak is None:
                 from .mfu import device_peak

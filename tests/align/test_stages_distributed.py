@@ -51,9 +51,10 @@ def test_two_ranks_log_the_losses_of_one_process(stage, base_run, tmp_path):
     one, two = steps(tmp_path / "one"), steps(tmp_path / "two")
     assert len(one) == len(two) == 3
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
-    # rank 0 trained on its half only (every rank used to take the whole batch, which logs the same losses)
+    # the step's tokens over all ranks are one process's: each rank trained on its half (every rank used to take
+    # the whole batch, which logs the same losses on twice the tokens); pairs are padded per part, so at most
     for a, b in zip(one, two):
-        assert b["tokens"] * 2 == a["tokens"] if stage == "sft" else b["tokens"] < a["tokens"]  # pairs pad per part
+        assert b["tokens"] == a["tokens"] if stage == "sft" else b["tokens"] <= a["tokens"]
     assert not (tmp_path / "unnamed").exists()  # the other rank opened the folder rank 0 made
 
 
@@ -63,5 +64,5 @@ def test_rl_stages_refuse_torchrun_in_one_line(stage, base_run, tmp_path):
     proc = lmforge([stage, f"base={base}", f"runs_dir={tmp_path}", "name=rl"], 2)
     assert proc.returncode != 0
     assert f"lmforge {stage} runs on one process" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "/lmforge/" not in proc.stderr  # one line from each rank; the only traceback is torchrun's own summary
     assert not (tmp_path / "rl").exists()

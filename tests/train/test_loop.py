@@ -207,3 +207,20 @@ def test_uneven_micro_batches_give_the_gradient_of_one_big_batch_when_normalised
         torch.testing.assert_close(acc[name], big[name], atol=1e-6, rtol=0, msg=name)
     worst = max((old[n] - big[n]).abs().max().item() for n in big)
     assert worst > 1e-3  # the old convention is another gradient: this test tells them apart
+
+
+def test_activation_checkpointing_finds_the_blocks_of_a_model_that_holds_a_transformer(tmp_path):
+    """A reward model or PPO's policy-with-value keeps its Transformer as an attribute: blocks are found by type."""
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = tiny_model()
+
+        def forward(self, x):
+            return self.trunk(x)
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    trainer = Trainer(Wrapped(), config(activation_checkpointing=True), run, batch_fn=batch_fn_for(8), loss_fn=lm_loss)
+    assert [b.checkpoint for b in trainer.raw_model.trunk.blocks] == [True, True]
