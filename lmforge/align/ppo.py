@@ -145,6 +145,12 @@ class AdaptiveKL:
             error = max(-0.2, min(0.2, kl / self.target - 1))
             self.beta *= 1 + error * n / self.horizon
 
+    def state_dict(self) -> dict:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = float(state["beta"])
+
 
 @dataclass
 class PPOBatch:
@@ -293,7 +299,8 @@ def run(cfg: PPOConfig) -> RunDir:
           f"{cfg.ppo_epochs} epochs of minibatches of {cfg.minibatch}")  # fmt: skip
     loss_fn = ppo_loss(cfg.clip, cfg.value_clip, cfg.vf_coef, cfg.temperature)
     trainer = Trainer(model, cfg.train, run_dir, batch_fn=batch_fn, loss_fn=loss_fn, eval_fn=eval_fn,
-                      tokens_fn=lambda b: int(b.mask.sum()), resume=cfg.resume)  # fmt: skip
+                      tokens_fn=lambda b: int(b.mask.sum()), stateful={"kl_control": kl_control},
+                      resume=cfg.resume)  # fmt: skip
     trainer.fit()  # a signal raises Stopped out of it, keeping the resumable checkpoint (value head too)
     # Later stages load the run like a pretraining run: the last checkpoint keeps the policy alone.
     if cfg.lora.enabled:

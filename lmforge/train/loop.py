@@ -145,7 +145,10 @@ class Trainer:
     the step's loss is then the mean over every loss token of all micro-batches on all ranks, as one big batch
     would give, not the mean of micro-batch means, which weighs a token of a short micro-batch more than one of a
     long one (the gradient-accumulation fix HF transformers and TRL made in 2024). Each micro-batch's mean is
-    weighted by its count, and the summed gradients divided by the count all-reduced over ranks."""
+    weighted by its count, and the summed gradients divided by the count all-reduced over ranks.
+
+    stateful: objects with state_dict() / load_state_dict() of plain values that change as the stage trains (PPO's
+    adaptive KL coefficient): checkpointed with the model and restored on resume, so a resumed run is the same run."""
 
     def __init__(
         self,
@@ -159,6 +162,7 @@ class Trainer:
         tokens_fn: Callable[[Batch], int] = lambda b: b[0].numel(),
         loss_tokens_fn: Callable[[Batch], int] | None = None,
         flops_per_token: float | None = None,
+        stateful: dict[str, Any] | None = None,
         resume: bool = False,
     ):
         self.cfg, self.run = cfg, run
@@ -180,6 +184,7 @@ class Trainer:
         self.batch_fn, self.loss_fn, self.eval_fn, self.tokens_fn = batch_fn, loss_fn, eval_fn, tokens_fn
         self.loss_tokens_fn = loss_tokens_fn
         self.flops_per_token = flops_per_token
+        self.stateful = stateful or {}
         self._peak: float | None = None  # matmul peak for MFU, looked up at the first step
 
         torch.manual_seed(cfg.seed + self.data_rank)  # a tensor-parallel group draws the same dropout masks
@@ -216,6 +221,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         if state.get("world_size") == self.env.world_size:  # RNG streams are per rank
             set_rng_state(state["rng"][self.env.rank])
+        for name, saved in state.get("stateful", {}).items():
+            self.stateful[name].load_state_dict(saved)
         self.step = int(state["step"])
         if self.env.rank == 0:  # the steps after the checkpoint are trained again: their old records go
             self.run.drop_metrics_after(self.step)
@@ -229,6 +236,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "rng": rngs,
             "world_size": self.env.world_size,
+            "stateful": {name: obj.state_dict() for name, obj in self.stateful.items()},
         }
         if sharded:
             state["optimizer_object"] = self.optimizer

@@ -215,6 +215,7 @@ def test_grpo_and_ppo_runs_end_to_end(base_run):
 
 
 def test_an_interrupted_ppo_run_resumes_exactly(base_run, monkeypatch):
+    """Weights, optimizer, RNG and the adaptive KL coefficient β (it moves every step towards target_kl)."""
     from lmforge.align.ppo import PPOConfig
     from lmforge.align.ppo import run as ppo_run
     from lmforge.align.reward import RewardConfig
@@ -232,7 +233,8 @@ def test_an_interrupted_ppo_run_resumes_exactly(base_run, monkeypatch):
                                              "minibatch=2", "ppo_epochs=1", "max_new_tokens=3", "eval_n=4",
                                              "train.steps=4", "train.warmup_steps=1", "train.eval_every=100",
                                              "train.checkpoint_every=100", "train.progress=false",
-                                             "train.precision=fp32", "train.lr=1e-3"])  # fmt: skip
+                                             "train.precision=fp32", "train.lr=1e-3", "target_kl=0.01",
+                                             "train.log_every=1"])  # fmt: skip
 
     straight = ppo_run(cfg("ppo-straight"))
     step = Trainer.train_step
@@ -262,6 +264,8 @@ def test_an_interrupted_ppo_run_resumes_exactly(base_run, monkeypatch):
     assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), sft.parameters()))  # it did train
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    betas = [[r["beta"] for r in run.read_metrics() if "beta" in r] for run in (straight, resumed)]
+    assert betas[0] == betas[1] and len(set(betas[0])) > 1  # β adapted, and went on from where it was
 
 
 def test_bad_task_settings_are_one_line_before_any_model_loads(tmp_path, capsys):
