@@ -63,3 +63,29 @@ def test_loss_tokens_are_counted_over_all_ranks(tmp_path):
     assert set(one) == set(two)
     for key in one:
         assert (one[key] - two[key]).abs().max().item() <= 1e-6, key
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_rendezvous_with_c10d_and_match_one_process(tmp_path):
+    """Two torchrun "nodes" of one rank each on 127.0.0.1 (c10d rendezvous, gloo over lo), as on two hosts."""
+    from lmforge.serve.replicas import free_port
+
+    single = launch(tmp_path / "one", "none", 3, 1)[0]
+    out = tmp_path / "nodes"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=lmforge-test",
+                               f"--node-rank={rank}", str(WORKER), str(out), "ddp", "3", "fresh"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for rank in (0, 1)]  # fmt: skip
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    a, b = (set(map(tuple, r["seen"])) for r in ranks)
+    assert not a & b and a | b == set(map(tuple, single["seen"]))
+    for step in range(3):
+        assert (ranks[0]["losses"][step] + ranks[1]["losses"][step]) / 2 == pytest.approx(
+            single["losses"][step], abs=1e-5
+        )
