@@ -21,7 +21,7 @@ from lmforge.runs import RunDir
 from lmforge.train.loop import TrainConfig, Trainer, seed_everything
 
 from .lora import LoRAConfig, apply_lora, finish_lora_run
-from .losses import group_advantages, kl_k3, masked_mean, token_logprobs
+from .losses import group_advantages, kl_k3, masked_mean, masked_token_logprobs, token_logprobs
 from .rollout import prompt_pool, rl_train_config, rollout
 from .stage import check_config, check_pool, config_examples, create_run, frozen_reference, load_base, one_process
 
@@ -93,13 +93,15 @@ def grpo_loss(beta: float, clip: float, temperature: float = 1.0, loss_type: str
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
 
     def loss_fn(model, b: GroupBatch):
-        logp = token_logprobs(model, b.rows, temperature)
-        ratio = torch.exp(logp - (logp.detach() if b.old_logp is None else b.old_logp))
+        logp = masked_token_logprobs(model, b.rows, b.mask, temperature)  # 0 off the responses
+        off = ~b.mask.bool()  # there π_old and π_ref are 0 too: a ratio of 1 and a KL of 0, never exp(−log π) = inf
+        old = logp.detach() if b.old_logp is None else b.old_logp.masked_fill(off, 0.0)
+        ratio = torch.exp(logp - old)
         adv = b.advantages[:, None]
         objective = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
         metrics = dict(b.metrics)
         if b.ref_logp is not None:
-            kl = kl_k3(logp, b.ref_logp)
+            kl = kl_k3(logp, b.ref_logp.masked_fill(off, 0.0))
             objective = objective - beta * (kl * ratio if kl_ratio_correction else kl)
             metrics["kl"] = masked_mean(kl, b.mask).item()
         if loss_type == "grpo":

@@ -49,6 +49,15 @@ def token_logprobs(model, rows: torch.Tensor, temperature: float = 1.0, **forwar
     return next_token_logprobs(model(rows[:, :-1], **forward), rows, temperature)
 
 
+def masked_token_logprobs(model, rows: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """`token_logprobs` where `mask` [B, T-1] is 1 (a response's tokens), 0 elsewhere: the LM head runs only there
+    (`logits_at`), which on a real vocabulary is most of a scoring forward's cost when prompts are long."""
+    where = mask.bool()
+    logits = model(rows[:, :-1], logits_at=where)
+    picked = torch.gather(F.log_softmax(logits.float() / temperature, -1), 1, rows[:, 1:][where][:, None])
+    return torch.zeros(where.shape, dtype=picked.dtype, device=picked.device).masked_scatter(where, picked.squeeze(1))
+
+
 def sequence_logprob(model, rows: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """[B] summed log-probability of the masked target tokens (a response given its prompt)."""
     return (token_logprobs(model, rows) * masks[:, 1:].float()).sum(-1)

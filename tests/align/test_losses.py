@@ -131,3 +131,23 @@ def test_token_and_sequence_logprobs_match_a_manual_softmax():
     assert token_logprobs(model, rows)[0, 3].item() == pytest.approx(manual.item(), rel=1e-5)
     lp = token_logprobs(model, rows)
     torch.testing.assert_close(sequence_logprob(model, rows, masks), torch.stack([lp[0, 2:].sum(), lp[1, 1:3].sum()]))
+
+
+def test_masked_token_logprobs_equal_token_logprobs_on_the_mask_and_grpo_stays_finite_off_it():
+    from lmforge.align.grpo import GroupBatch, grpo_loss
+    from lmforge.align.losses import masked_token_logprobs, token_logprobs
+    from lmforge.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, max_seq_len=16, n_layer=1, d_model=16, n_head=2, position="rope"))
+    rows = torch.randint(0, 50, (3, 10))
+    mask = torch.zeros(3, 9)
+    mask[:, 5:] = 1
+    mask[2, 8] = 0  # a shorter response
+    full, picked = token_logprobs(model, rows, 0.7), masked_token_logprobs(model, rows, mask, 0.7)
+    torch.testing.assert_close(picked[mask.bool()], full[mask.bool()])
+    assert (picked[~mask.bool()] == 0).all()
+    old = torch.where(mask.bool(), full.detach(), torch.full_like(full, -200.0))  # exp(200) overflows fp32
+    batch = GroupBatch(rows, mask, torch.tensor([1.0, -1.0, 0.5]), old, old.clone(), {})
+    loss, _ = grpo_loss(beta=0.1, clip=0.2, temperature=0.7, loss_type="dr_grpo", max_new_tokens=4)(model, batch)
+    assert torch.isfinite(loss)
