@@ -84,6 +84,9 @@ class TrainConfig:
             )
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.tp is not None and (self.tp < 1 or self.parallel not in ("tp", "fsdp+tp")):
+            raise ValueError(f"tp={self.tp} is the tensor-parallel degree of parallel=fsdp+tp (or tp): set "
+                             f"train.parallel, not {self.parallel!r}, or drop train.tp")  # fmt: skip
 
 
 def seed_everything(seed: int) -> None:

@@ -224,3 +224,9 @@ def test_activation_checkpointing_finds_the_blocks_of_a_model_that_holds_a_trans
     run.path.mkdir()
     trainer = Trainer(Wrapped(), config(activation_checkpointing=True), run, batch_fn=batch_fn_for(8), loss_fn=lm_loss)
     assert [b.checkpoint for b in trainer.raw_model.trunk.blocks] == [True, True]
+
+
+def test_a_tensor_parallel_degree_without_a_tensor_parallel_layout_is_refused():
+    with pytest.raises(ValueError, match="tp=2 is the tensor-parallel degree"):
+        TrainConfig(parallel="ddp", tp=2).validate()
+    TrainConfig(parallel="fsdp+tp", tp=2).validate()
