@@ -47,7 +47,6 @@ class Replica:
     held: bool = False  # drained through the router's /admin/drain: no new requests from this router
     in_flight: int = 0  # the router's own count of requests it has there
     scraped: int = 0  # running + waiting from the replica's /metrics (other routers' work included)
-    capacity: int = 0  # requests it decodes at once (its /metrics' lmforge_max_batch; 0: not known)
     failures: int = 0
     next_check: float = 0.0
 
@@ -110,8 +109,11 @@ class Router:
                 replica.scraped = _gauge(metrics, "lmforge_requests_running") + _gauge(
                     metrics, "lmforge_requests_waiting"
                 )
-                replica.capacity = _gauge(metrics, "lmforge_max_batch")
-                self.policy.capacity[replica.url] = replica.capacity
+                capacity = _gauge(metrics, "lmforge_max_batch")  # 0: the replica does not say (not an lmforge one)
+                if capacity:
+                    self.policy.capacity[replica.url] = capacity
+                else:
+                    self.policy.capacity.pop(replica.url, None)
         except httpx.HTTPError:
             replica.healthy = False
         if replica.healthy:

@@ -257,3 +257,26 @@ def test_serve_replicas_starts_k_replicas_behind_a_router_and_one_ctrl_c_stops_a
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_replica_that_does_not_say_its_batch_is_not_taken_for_full():
+    """A backend whose /metrics has no lmforge_max_batch (another server) has no capacity in the policy, so
+    cache_aware never passes it over as full; an lmforge replica's capacity is read."""
+    import asyncio
+
+    def answer(request):
+        if request.url.path == "/health":
+            return httpx.Response(200, json={"status": "ok"})
+        body = "lmforge_requests_running 1\n" + ("lmforge_max_batch 4\n" if request.url.host == "a" else "")
+        return httpx.Response(200, text=body)
+
+    router = Router(["http://a", "http://b"], make_policy("cache_aware", ["http://a", "http://b"]))
+
+    async def check_both():
+        router.client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+        for replica in router.replicas.values():
+            await router.check(replica)
+        await router.client.aclose()
+
+    asyncio.run(check_both())
+    assert router.policy.capacity == {"http://a": 4}
