@@ -78,6 +78,10 @@ def resolve_parallel(parallel: str, env: DistEnv) -> str:
     return parallel
 
 
+TENSOR_PARALLEL = ("tp", "fsdp+tp")  # layouts that split the model with lmforge.parallel.tensor
+SHARDED_LAYOUTS = ("fsdp", *TENSOR_PARALLEL)  # layouts whose parameters are DTensors: their checkpoints are DCP folders
+
+
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """Every transformer block inside `model`, found by type: a reward model or PPO's policy-with-value holds its
     Transformer as an attribute, so `model.blocks` would miss them (and FSDP and checkpointing do nothing)."""
@@ -105,7 +109,7 @@ def tp_degree(parallel: str, tp: int | None, env: DistEnv) -> int:
     return 1
 
 
-def data_coords(parallel: str, tp: int, env: DistEnv) -> tuple[int, int]:
+def data_coords(tp: int, env: DistEnv) -> tuple[int, int]:
     """(this rank's data-parallel index, how many data-parallel groups): the ranks of one tensor-parallel group
     (consecutive ranks, the inner dimension of the (dp, tp) mesh) train on the same rows."""
     return env.rank // tp, env.world_size // tp
@@ -114,7 +118,7 @@ def data_coords(parallel: str, tp: int, env: DistEnv) -> tuple[int, int]:
 def apply_parallel(model: nn.Module, parallel: str, env: DistEnv, tp: int = 1) -> nn.Module:
     """DDP wraps the model; FSDP2 shards every block, then the root (parameters become DTensors); tp splits it
     over a (dp, tp) mesh's tp dimension first (`lmforge.parallel.tensor`), then fsdp+tp shards that over dp."""
-    if parallel in ("tp", "fsdp+tp"):
+    if parallel in TENSOR_PARALLEL:
         from torch.distributed.device_mesh import init_device_mesh
 
         from lmforge.parallel import tensor_parallel

@@ -84,7 +84,7 @@ class TrainConfig:
             )
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        if self.tp is not None and (self.tp < 1 or self.parallel not in ("tp", "fsdp+tp")):
+        if self.tp is not None and (self.tp < 1 or self.parallel not in dist_utils.TENSOR_PARALLEL):
             raise ValueError(f"tp={self.tp} is the tensor-parallel degree of parallel=fsdp+tp (or tp): set "
                              f"train.parallel, not {self.parallel!r}, or drop train.tp")  # fmt: skip
 
@@ -134,7 +134,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 class Trainer:
-    """Runs `cfg.steps` optimizer steps of `loss_fn(model, batch_fn(step, micro, n_micro))`.
+    """Runs `cfg.steps` optimizer steps of `loss_fn(model, batch_fn(step, part, n_parts))`.
 
     batch_fn(step, part, n_parts) returns part `part` of step `step`'s batch cut into n_parts equal parts, one per
     micro-batch of every rank (n_parts = ranks × micro-batches; rank r trains parts r·n_micro … r·n_micro +
@@ -175,7 +175,7 @@ class Trainer:
         self.parallel = dist_utils.resolve_parallel(cfg.parallel, self.env)
         self.tp = dist_utils.tp_degree(self.parallel, cfg.tp, self.env)
         # the ranks of a tensor-parallel group share their rows: data is cut over the data-parallel groups only
-        self.data_rank, self.data_world = dist_utils.data_coords(self.parallel, self.tp, self.env)
+        self.data_rank, self.data_world = dist_utils.data_coords(self.tp, self.env)
         world = self.data_world
         micro = cfg.micro_batch_size or cfg.batch_size // world
         if cfg.batch_size % (micro * world):
@@ -232,7 +232,7 @@ class Trainer:
         self._log(f"resumed from {path} at step {self.step}")
 
     def save(self) -> None:
-        sharded = self.parallel in ("fsdp", "tp", "fsdp+tp")  # parameters are DTensors: DCP writes their shards
+        sharded = self.parallel in dist_utils.SHARDED_LAYOUTS
         rngs = dist_utils.gather_objects(rng_state(), self.env)
         state = {
             "step": self.step,
